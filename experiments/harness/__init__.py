@@ -1,0 +1,1 @@
+"""Shared harness for the stackops experiments: data, evaluation, training helpers."""
