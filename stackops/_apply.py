@@ -203,18 +203,34 @@ def _check_preserve(fn: PreserveFn, layer: Any) -> None:
         )
 
 
+def _identity_rows(plan: Plan, specs: Specs, order_out: tuple[int, ...]) -> tuple[int, ...]:
+    """Stored layers to make identities under `preserve`: those run by inserted positions."""
+    inserted = set(plan.inserted)
+    rows = sorted({order_out[q] for q in inserted})
+    for r in rows:
+        users = [q for q, i in enumerate(order_out) if i == r]
+        if isinstance(specs[r], int) or any(q not in inserted for q in users):
+            raise ValueError(
+                f"preserve: {plan.name} inserts positions that share weights with existing ones "
+                "(tied), and a shared layer cannot be an identity at one position and not at "
+                "another. Use a copying operator (middle_stack, last_stack, ...) with preserve, "
+                "or grow without preserve."
+            )
+    return tuple(rows)
+
+
 def grow_sequence(seq: Any, plan: Plan, *, preserve: Any = None, argname: str = "where") -> Any:
     """Apply `plan` to a layer sequence (list, tuple or Stack) and return the same layout."""
     order = seq.order if isinstance(seq, Stack) else None
     specs, order_out = resolve(plan, order)
     specs_t: Specs = tuple(specs)
-    new_rows = tuple(i for i, sp in enumerate(specs_t) if not isinstance(sp, int))
+    new_rows: tuple[int, ...] = ()
+    if preserve is not None and preserve is not False:
+        new_rows = _identity_rows(plan, specs_t, order_out)
     if isinstance(seq, Stack):
         pres = _resolve_preserve(preserve, seq.layers)
         if pres is not None:
             _check_preserve(pres, seq.layers)
-            if plan.is_tied and any(order_out.count(i) > 1 for i in new_rows):
-                raise ValueError("preserve cannot make a tied (shared) layer an identity.")
         new_layers = grow_stacked_arrays(seq.layers, specs_t, preserve=pres, new_rows=new_rows)
         new_order = None if order_out == tuple(range(len(specs_t))) else order_out
         return Stack(new_layers, new_order)
@@ -232,6 +248,8 @@ def grow_sequence(seq: Any, plan: Plan, *, preserve: Any = None, argname: str = 
         _check_preserve(pres, seq[0])
     built: list[Any] = []
     for i, sp in enumerate(specs_t):
+        if isinstance(sp, int) and i in new_rows:  # pragma: no cover - _identity_rows forbids it
+            raise AssertionError
         if isinstance(sp, int):
             built.append(seq[sp])  # kept: the very same module, bit-identical
             continue
@@ -244,7 +262,7 @@ def grow_sequence(seq: Any, plan: Plan, *, preserve: Any = None, argname: str = 
         one = grow_stacked_arrays(
             eqx.combine(stacked, static),
             ((tuple(range(len(srcs))), ws),),
-            preserve=pres,
+            preserve=pres if i in new_rows else None,
             new_rows=(0,),
         )
         built.append(jax.tree.map(lambda a: a[0] if eqx.is_array(a) else a, one))

@@ -215,7 +215,10 @@ class untie(AbstractGrowth):
         for p, s in enumerate(order):
             src.append(p if s not in seen else [(p, 1.0)])
             seen.add(s)
-        return plan_from_sources(depth, src, tie=False, name="untie()")
+        # Untying inserts nothing: every position continues itself.
+        return plan_from_sources(
+            depth, src, tie=False, name="untie()", origin=tuple(range(depth))
+        )
 
 
 class interpolate(AbstractGrowth):

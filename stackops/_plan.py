@@ -87,8 +87,24 @@ class Plan:
     layers: tuple[LayerSpec, ...]
     order: tuple[int, ...]
     name: str = "plan"
+    origin: tuple[int | None, ...] | None = None
 
     def __post_init__(self):
+        if self.origin is None:
+            # By default a position continues the old position it keeps (first use only);
+            # every other position is inserted.
+            seen: set[int] = set()
+            origin: list[int | None] = []
+            for i in self.order:
+                spec = self.layers[i]
+                if isinstance(spec, Keep) and i not in seen:
+                    origin.append(spec.source)
+                else:
+                    origin.append(None)
+                seen.add(i)
+            object.__setattr__(self, "origin", tuple(origin))
+        elif len(self.origin) != len(self.order):
+            raise ValueError("Plan.origin needs one entry per new position.")
         if self.depth_in < 1:
             raise ValueError(f"Plan.depth_in must be >= 1, got {self.depth_in}.")
         n = len(self.layers)
@@ -120,6 +136,11 @@ class Plan:
     def is_tied(self) -> bool:
         """Whether two positions of the result share one stored layer."""
         return len(set(self.order)) != len(self.order)
+
+    @property
+    def inserted(self) -> tuple[int, ...]:
+        """New positions that continue no old position (the ones `preserve` makes identities)."""
+        return tuple(q for q, o in enumerate(self.origin or ()) if o is None)
 
     @property
     def new_layers(self) -> tuple[int, ...]:
@@ -195,11 +216,14 @@ class Plan:
         layers = [None] * len(first_use)
         for old, new in first_use.items():
             layers[new] = new_layers[old]
+        assert self.origin is not None and other.origin is not None
+        origin = tuple(None if o is None else self.origin[o] for o in other.origin)
         return Plan(
             self.depth_in,
             tuple(layers),  # type: ignore[arg-type]
             tuple(first_use[i] for i in order),
             name=f"{self.name} -> {other.name}",
+            origin=origin,
         )
 
     def __repr__(self) -> str:
@@ -214,6 +238,8 @@ class Plan:
                 tag = f"  tied to layer {i}"
             elif isinstance(spec, Mix):
                 tag = "  new"
+            if self.origin is not None and self.origin[pos] is None:
+                tag += " (inserted)"
             seen.add(i)
             lines.append(f"  {pos:>3}: {spec!r}{tag}")
         return "\n".join(lines)
@@ -222,7 +248,12 @@ class Plan:
 
 
 def plan_from_sources(
-    depth_in: int, sources: Sequence[int | Sequence[tuple[int, float]]], *, tie: bool, name: str
+    depth_in: int,
+    sources: Sequence[int | Sequence[tuple[int, float]]],
+    *,
+    tie: bool,
+    name: str,
+    origin: tuple[int | None, ...] | None = None,
 ) -> Plan:
     """Build a plan from one source spec per new position.
 
@@ -276,7 +307,13 @@ def plan_from_sources(
     for old, new in first_use.items():
         new_layers[new] = layers[old]
     # A kept layer dropped from the result is allowed (the plan just does not keep it).
-    return Plan(depth_in, tuple(new_layers), tuple(first_use[i] for i in order), name=name)  # type: ignore[arg-type]
+    return Plan(
+        depth_in,
+        tuple(new_layers),  # type: ignore[arg-type]
+        tuple(first_use[i] for i in order),
+        name=name,
+        origin=origin,
+    )
 
 
 def resolve(
