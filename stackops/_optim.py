@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import warnings
 from typing import Any, Literal
 
 import equinox as eqx
@@ -148,13 +149,17 @@ def grow_opt_state(
         raise ValueError('policy="init" needs `params=` (the parameters before growth).')
 
     target = None
-    init_state = None
+    fresh_state: Callable[[], Any] | None = None
     if params is not None:
         matched = _match_params(optimizer, opt_state, params)
         grown_params = grow(matched, op, where=where)
         target = jax.eval_shape(optimizer.init, grown_params)
-        if policy == "init":
-            init_state = optimizer.init(grown_params)
+        cache: list[Any] = []
+
+        def fresh_state() -> Any:
+            if not cache:
+                cache.append(optimizer.init(grown_params))
+            return cache[0]
 
     placeholders = _params_paths(optimizer, opt_state)
     is_ph = lambda x: isinstance(x, _Placeholder)
@@ -173,17 +178,19 @@ def grow_opt_state(
             "transformation). Re-initialise the state with `optimizer.init(grown_params)`."
         )
     targets = ph_def.flatten_up_to(target) if target is not None else [None] * len(ph_leaves)
-    inits = ph_def.flatten_up_to(init_state) if init_state is not None else [None] * len(ph_leaves)
 
     # The plan comes from the parameters when we have them: a state subtree may not show the
     # depth (Adafactor keeps (1,)-shaped placeholders for unfactored leaves).
     ref_seq = get_layers(matched, where) if params is not None else None
     out = []
-    for ph, sub, tgt, ini in zip(ph_leaves, subtrees, targets, inits):
+    for k, (ph, sub, tgt) in enumerate(zip(ph_leaves, subtrees, targets)):
         if not is_ph(ph):
             out.append(sub)  # a non-parameter field: step count, hyperparameters, ...
             continue
-        out.append(_grow_params_like(sub, op, where, policy, tgt, ini, ref_seq))
+        fresh_sub = None
+        if fresh_state is not None:
+            fresh_sub = lambda k=k: ph_def.flatten_up_to(fresh_state())[k]
+        out.append(_grow_params_like(sub, op, where, policy, tgt, fresh_sub, ref_seq))
     new_state = jax.tree.unflatten(ph_def, out)
     if target is not None:
         got = _abstract(new_state)
@@ -195,85 +202,22 @@ def grow_opt_state(
 
 
 def _grow_params_like(
-    sub: Any, op: Any, where: Callable, policy: Policy, tgt: Any, ini: Any, ref_seq: Any
+    sub: Any,
+    op: Any,
+    where: Callable,
+    policy: Policy,
+    tgt: Any,
+    fresh_sub: Callable[[], Any] | None,
+    ref_seq: Any,
 ) -> Any:
     seq = get_layers(sub, where, argname="where")
-    if isinstance(seq, Stack):
-        if ref_seq is not None:
-            plan = make_plan(op, ref_seq)
-            n_old = ref_seq.num_layers
-        else:
-            sizes = {a.shape[0] for a in jax.tree.leaves(seq.layers) if getattr(a, "ndim", 0)}
-            if len(sizes) > 1:
-                raise ValueError(
-                    "grow_opt_state: the state's leaves disagree on the layer axis (sizes "
-                    f"{sorted(sizes)}), as Adafactor's factored statistics do: pass `params=` (the "
-                    "parameters before growth) so the depth is known."
-                )
-            plan = make_plan(op, seq)
-            n_old = seq.num_layers
-        specs, order_out = resolve(plan, seq.order)
-        leaves = jax.tree.leaves(seq.layers)
-        tgt_seq = get_layers(tgt, where) if tgt is not None else None
-        tgt_leaves = jax.tree.leaves(tgt_seq.layers) if tgt_seq is not None else None
-        # Leaves without the layer axis (e.g. Adafactor's placeholder for unfactored
-        # dimensions) stay as they are; everything else is grown along axis 0.
-        grow_mask = []
-        for i, leaf in enumerate(leaves):
-            has_axis = getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] == n_old
-            if tgt_leaves is not None:
-                same = tuple(tgt_leaves[i].shape) == tuple(leaf.shape)
-                grows = tgt_leaves[i].shape[0] == len(specs) if tgt_leaves[i].ndim else False
-                if same and not (has_axis and grows):
-                    has_axis = False
-                elif not (has_axis and grows):
-                    raise ValueError(
-                        f"grow_opt_state: a state leaf of shape {tuple(leaf.shape)} cannot be "
-                        "grown along its layer axis to the shape optimizer.init gives "
-                        f"({tuple(tgt_leaves[i].shape)}); re-initialise this optimizer's state."
-                    )
-            elif not has_axis and getattr(leaf, "ndim", 0) >= 1:
-                raise ValueError(
-                    f"grow_opt_state: a state leaf of shape {tuple(leaf.shape)} has no leading "
-                    f"layer axis of size {n_old}: the state does not belong to these layers, or "
-                    "the optimizer keeps statistics without the layer axis (Adafactor): pass "
-                    "`params=` (the parameters before growth)."
-                )
-            grow_mask.append(has_axis)
-        leaves_def = jax.tree.structure(seq.layers)
-        mask_tree = jax.tree.unflatten(leaves_def, grow_mask)
-        growable = eqx.filter(seq.layers, mask_tree)
-        fixed = eqx.filter(seq.layers, mask_tree, inverse=True)
-        if any(grow_mask):
-            grown = grow_sequence(Stack(growable, seq.order), plan)
-            new_layers, new_order = eqx.combine(grown.layers, fixed), grown.order
-        else:
-            new_layers = fixed
-            new_order = None if order_out == tuple(range(len(specs))) else order_out
-        new_rows = [i for i, sp in enumerate(specs) if not isinstance(sp, int)]
-        if policy != "copy" and new_rows:
-            idx = jnp.asarray(new_rows, jnp.int32)
-            if policy == "zero":
-                fill = lambda a: a.at[idx].set(0) if eqx.is_array(a) else a
-                new_layers = jax.tree.map(
-                    lambda a, m: fill(a) if m else a, new_layers, mask_tree
-                )
-            else:
-                ini_layers = get_layers(ini, where).layers
-                new_layers = jax.tree.map(
-                    lambda a, b, m: a.at[idx].set(b[idx]) if (m and eqx.is_array(a)) else a,
-                    new_layers,
-                    ini_layers,
-                    mask_tree,
-                )
-        new_seq = _raw_stack(new_layers, new_order)
-    else:
+    if not isinstance(seq, Stack):
         plan = make_plan(op, seq)
         new_seq = grow_sequence(seq, plan)
         specs, order_out = resolve(plan, None)
         if policy != "copy":
             new_pos = {q for q, i in enumerate(order_out) if not isinstance(specs[i], int)}
-            ini_seq = get_layers(ini, where) if ini is not None else None
+            ini_seq = get_layers(fresh_sub(), where) if policy == "init" else None  # type: ignore[misc]
             new_seq = type(new_seq)(
                 (
                     (jax.tree.map(jnp.zeros_like, layer) if policy == "zero" else ini_seq[q])
@@ -282,9 +226,88 @@ def _grow_params_like(
                 )
                 for q, layer in enumerate(new_seq)
             )
+        return new_seq if seq is sub else eqx.tree_at(where, sub, new_seq)
+
+    if ref_seq is not None:
+        plan = make_plan(op, ref_seq)
+        n_old = ref_seq.num_layers
+    else:
+        sizes = {a.shape[0] for a in jax.tree.leaves(seq.layers) if getattr(a, "ndim", 0)}
+        if len(sizes) > 1:
+            raise ValueError(
+                "grow_opt_state: the state's leaves disagree on the layer axis (sizes "
+                f"{sorted(sizes)}), as Adafactor's factored statistics do: pass `params=` (the "
+                "parameters before growth) so the depth is known."
+            )
+        plan = make_plan(op, seq)
+        n_old = seq.num_layers
+    specs, order_out = resolve(plan, seq.order)
+    n_new = len(specs)
+    leaves, leaves_def = jax.tree.flatten(seq.layers)
+    tgt_leaves = jax.tree.leaves(get_layers(tgt, where).layers) if tgt is not None else None
+
+    # Each leaf is grown along its layer axis, kept (it has no layer axis: e.g. Adafactor's
+    # (1,) placeholder), or -- only where its shape says it cannot be mapped, as when
+    # Adafactor factors other dimensions at the new depth -- re-initialised, with a warning.
+    kinds = []
+    for i, leaf in enumerate(leaves):
+        shape = tuple(leaf.shape)
+        axis = len(shape) >= 1 and shape[0] == n_old
+        if tgt_leaves is None:
+            if not axis:
+                raise ValueError(
+                    f"grow_opt_state: a state leaf of shape {shape} has no leading layer axis "
+                    f"of size {n_old}: the state does not belong to these layers, or the "
+                    "optimizer keeps statistics without the layer axis (Adafactor): pass "
+                    "`params=` (the parameters before growth)."
+                )
+            kinds.append("grow")
+            continue
+        new_shape = tuple(tgt_leaves[i].shape)
+        if axis and new_shape == (n_new, *shape[1:]):
+            kinds.append("grow")
+        elif not axis and new_shape == shape:
+            kinds.append("keep")
+        else:
+            kinds.append("reset")
+    if "reset" in kinds:
+        warnings.warn(
+            f"grow_opt_state: {kinds.count('reset')} optimizer-state leaves (shapes "
+            f"{[tuple(l.shape) for l, k in zip(leaves, kinds) if k == 'reset']}) change layout "
+            "with depth (e.g. Adafactor factoring other dimensions) and were re-initialised.",
+            stacklevel=3,
+        )
+    mask_tree = jax.tree.unflatten(leaves_def, [k == "grow" for k in kinds])
+    growable = eqx.filter(seq.layers, mask_tree)
+    new_order = None if order_out == tuple(range(n_new)) else order_out
+    if any(k == "grow" for k in kinds):
+        grown = grow_sequence(Stack(growable, seq.order), plan)
+        new_order = grown.order
+        grown_leaves = jax.tree.flatten(grown.layers, is_leaf=lambda x: x is None)[0]
+    else:
+        grown_leaves = [None] * len(leaves)
+    fresh_leaves = None
+    if "reset" in kinds or policy == "init":
+        fresh_leaves = jax.tree.leaves(get_layers(fresh_sub(), where).layers)  # type: ignore[misc]
+    new_rows = [i for i, sp in enumerate(specs) if not isinstance(sp, int)]
+    idx = jnp.asarray(new_rows, jnp.int32)
+    out_leaves = []
+    for i, (kind, leaf) in enumerate(zip(kinds, leaves)):
+        if kind == "keep":
+            out_leaves.append(leaf)
+        elif kind == "reset":
+            out_leaves.append(fresh_leaves[i])  # type: ignore[index]
+        else:
+            g = grown_leaves[i]
+            if new_rows and policy == "zero":
+                g = g.at[idx].set(0)
+            elif new_rows and policy == "init":
+                g = g.at[idx].set(fresh_leaves[i][idx])  # type: ignore[index]
+            out_leaves.append(g)
+    new_seq = _raw_stack(jax.tree.unflatten(leaves_def, out_leaves), new_order)
     if seq is sub:
         return new_seq
-    return eqx.tree_at(where, sub, new_seq, is_leaf=lambda x: x is None)
+    return eqx.tree_at(where, sub, new_seq)
 
 
 def _raw_stack(layers: Any, order: Any) -> Stack:

@@ -55,7 +55,9 @@ INDUCTION_QUERY_LEN = 2
 VARASSIGN_DISTRACTORS = (2, 2)
 """Distractor literals and distractor links added to every variable-assignment prompt."""
 
-_MAX_TRIES_PER_EXAMPLE = 1000
+# Consecutive duplicate draws after which generate() concludes the task has run out of new
+# prompts (only the math task, with 1320 distinct prompts, gets near that).
+_MAX_MISSES = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,11 +201,13 @@ def generate(
     )
     seen = set(exclude)
     out: list[Example] = []
-    for _ in range(_MAX_TRIES_PER_EXAMPLE * n):
-        if len(out) == n:
-            break
+    misses = 0
+    while len(out) < n and misses < _MAX_MISSES:
         ex = _one(task_index, rng)
-        if ex.prompt not in seen:
+        if ex.prompt in seen:
+            misses += 1
+        else:
+            misses = 0
             seen.add(ex.prompt)
             out.append(ex)
     if len(out) < n:
@@ -390,7 +394,8 @@ def greedy_generate(
 
     **Arguments:**
 
-    - `logits_fn`: `logits_fn(tokens_BxT int32) -> logits_BxTxV`, causal.
+    - `logits_fn`: `logits_fn(tokens_BxT int32) -> logits_BxTxV`, causal, with
+      `V = 256` (a larger `V` works as long as the argmax stays a byte).
     - `prompts`: non-empty prompt strings.
     - `max_new_tokens`: tokens to generate per prompt.
     - `max_len`: buffer length `T`, at least `max_new_tokens + 1`.
@@ -481,6 +486,8 @@ def finetune_examples_to_batch(
     if not examples:
         raise ValueError("`examples` is empty.")
     seq_len = _check_count("seq_len", seq_len, minimum=1)
+    if not 0 <= pad_id < VOCAB_SIZE:
+        raise ValueError(f"`pad_id` must lie in 0..{VOCAB_SIZE - 1}, got {pad_id}.")
     tokens = np.full((len(examples), seq_len + 1), pad_id, dtype=np.int32)
     mask = np.zeros((len(examples), seq_len), dtype=np.float32)
     for i, ex in enumerate(examples):

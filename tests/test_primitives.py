@@ -1,0 +1,351 @@
+"""Tests of experiments/harness/primitives.py: task generators and model-agnostic evals."""
+
+import doctest
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from harness import data, primitives  # noqa: E402
+from harness.primitives import Example  # noqa: E402
+
+# --------------------------------------------------------------------------- checkers
+# Independent re-implementations: they parse the prompt text and recompute the answer.
+
+
+def solve_varassign(prompt: str) -> tuple[str, int]:
+    """(answer, depth) of a variable-assignment prompt; asserts it is well-formed."""
+    *assignments, query = prompt.split(",")
+    m = re.fullmatch(r"([a-z])=\?", query)
+    assert m, prompt
+    env: dict[str, str] = {}
+    for a in assignments:
+        m2 = re.fullmatch(r"([a-z])=([a-z0-9])", a)
+        assert m2, a
+        var, rhs = m2.groups()
+        assert var not in env, f"{var} assigned twice in {prompt}"
+        assert rhs.isdigit() or rhs in env, f"{rhs} used before assignment in {prompt}"
+        env[var] = rhs
+    value, depth = env[m.group(1)], 0
+    while not value.isdigit():
+        value, depth = env[value], depth + 1
+    return value, depth
+
+
+def solve_math(prompt: str) -> str:
+    assert re.fullmatch(r"\d([+-]\d){1,2}=", prompt), prompt
+    value = int(prompt[0])
+    for op, digit in zip(prompt[1:-1:2], prompt[2:-1:2], strict=True):
+        value = value + int(digit) if op == "+" else value - int(digit)
+        assert 0 <= value <= 9, f"intermediate result out of 0..9 in {prompt}"
+    return str(value)
+
+
+def solve_induction(prompt: str) -> str:
+    seq_text, query_text = prompt.split(" | ")
+    seq, query = seq_text.split(" "), query_text.split()
+    assert query_text.endswith(" ") and len(query) == 2
+    assert all(re.fullmatch("[a-z]{2}", item) for item in seq + query)
+    for j in range(len(seq) - len(query)):
+        if seq[j : j + len(query)] == query:
+            return seq[j + len(query)]
+    raise AssertionError(f"query not followed by an item in {prompt}")
+
+
+def solve(task: str, prompt: str) -> str:
+    if task == "induction":
+        return solve_induction(prompt)
+    if task == "math":
+        return solve_math(prompt)
+    return solve_varassign(prompt)[0]
+
+
+# --------------------------------------------------------------------------- generators
+
+
+@pytest.mark.parametrize("task", primitives.TASKS)
+def test_generators_are_deterministic_distinct_and_correct(task):
+    examples = primitives.generate(task, 300, seed=4)
+    assert examples == primitives.generate(task, 300, seed=4)
+    assert examples != primitives.generate(task, 300, seed=5)
+    assert examples != primitives.generate(task, 300, seed=4, stream="pool")
+    assert len({e.prompt for e in examples}) == len(examples)
+    for e in examples:
+        assert e.answer == solve(task, e.prompt), e
+        if task == "induction":
+            assert re.fullmatch("[a-z]{2}", e.answer)
+        else:
+            assert re.fullmatch("[0-9]", e.answer)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_varassign_has_the_requested_depth_and_distractors(depth):
+    examples = primitives.generate(f"varassign_d{depth}", 200, seed=0)
+    for e in examples:
+        assert solve_varassign(e.prompt)[1] == depth
+        n_assignments = e.prompt.count("=") - 1
+        assert n_assignments == 1 + depth + sum(primitives.VARASSIGN_DISTRACTORS)
+    answers = [e.answer for e in examples]
+    assert set(answers) == set("0123456789")  # every digit can be the answer
+
+
+def test_math_uses_two_and_three_operands_and_all_results():
+    examples = primitives.generate("math", 300, seed=0)
+    lengths = {len(e.prompt) for e in examples}
+    assert lengths == {4, 6}
+    assert {e.answer for e in examples} == set("0123456789")
+
+
+def test_induction_answer_follows_the_first_occurrence(monkeypatch):
+    # With three items, queries repeat with different followers: the first one counts.
+    monkeypatch.setattr(primitives, "INDUCTION_ITEMS", ("aa", "bb", "cc"))
+    examples = primitives.generate("induction", 200, seed=0)
+    ambiguous = 0
+    for e in examples:
+        seq, query = e.prompt.split(" | ")[0].split(), e.prompt.split(" | ")[1].split()
+        assert len(seq) == primitives.INDUCTION_LENGTH
+        followers = {seq[j + 2] for j in range(len(seq) - 2) if seq[j : j + 2] == query}
+        ambiguous += len(followers) > 1
+        assert e.answer == solve_induction(e.prompt)
+    assert ambiguous > 20
+    assert solve_induction("ab cd ef ab cd gh | ab cd ") == "ef"
+
+
+@pytest.mark.parametrize("task", primitives.TASKS)
+def test_splits_keep_eval_prompts_out_of_the_pool(task):
+    splits = primitives.make_splits(task, n_eval=400, n_pool=200)
+    assert len(splits.eval) == 400 and len(splits.pool) == 200
+    assert {e.prompt for e in splits.eval}.isdisjoint(e.prompt for e in splits.pool)
+    assert splits.eval == primitives.generate(task, 400, seed=0)
+    other = primitives.make_splits(task, n_eval=400, n_pool=200, pool_seed=1)
+    assert other.eval == splits.eval and other.pool != splits.pool
+
+
+def test_disjointness_check_matters_for_small_tasks():
+    # The math task has ~1300 distinct prompts: independent streams collide, the split not.
+    eval_prompts = {e.prompt for e in primitives.generate("math", 800, seed=0)}
+    raw_pool = primitives.generate("math", 200, seed=0, stream="pool")
+    assert eval_prompts & {e.prompt for e in raw_pool}
+    splits = primitives.make_splits("math", n_eval=800, n_pool=200)
+    assert eval_prompts.isdisjoint(e.prompt for e in splits.pool)
+
+
+def test_generate_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="`task`"):
+        primitives.generate("sorting", 3, seed=0)
+    with pytest.raises(ValueError, match="`n`"):
+        primitives.generate("math", -1, seed=0)
+    with pytest.raises(ValueError, match="`seed`"):
+        primitives.generate("math", 1, seed=-1)
+    with pytest.raises(ValueError, match="`stream`"):
+        primitives.generate("math", 1, seed=0, stream="train")
+    with pytest.raises(ValueError, match="distinct.*`n`"):
+        primitives.generate("math", 5000, seed=0)
+    assert primitives.generate("math", 0, seed=0) == []
+
+
+def test_chance_accuracy():
+    assert primitives.chance_accuracy("induction") == pytest.approx(1 / 676)
+    for task in ("varassign_d0", "varassign_d1", "varassign_d2", "math"):
+        assert primitives.chance_accuracy(task) == 0.1
+    with pytest.raises(ValueError, match="`task`"):
+        primitives.chance_accuracy("nope")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_few_shot_prompt_format():
+    shots = [Example("1+1=", "2"), Example("a=3,a=?", "3")]
+    assert primitives.few_shot_prompt(shots, Example("4-1=", "3")) == "1+1=2\na=3,a=?3\n4-1="
+    assert primitives.few_shot_prompt([], Example("4-1=", "3")) == "4-1="
+
+
+def test_is_exact_match():
+    assert primitives.is_exact_match("3", "3")
+    assert primitives.is_exact_match(" 3\n", "3")
+    assert primitives.is_exact_match("ab\nxx", "ab")
+    assert not primitives.is_exact_match("\n3", "3")
+    assert not primitives.is_exact_match("a", "ab")
+    assert not primitives.is_exact_match("4", "3")
+
+
+def _oracle(task):
+    def generate_fn(prompts, max_new_tokens):
+        return [solve(task, p.rsplit("\n", 1)[-1]) + "\n" for p in prompts]
+
+    return generate_fn
+
+
+@pytest.mark.parametrize("task", primitives.TASKS)
+def test_evaluate_exact_match_oracle_scores_one_constant_scores_low(task):
+    splits = primitives.make_splits(task, n_eval=100, n_pool=20)
+    assert primitives.evaluate_exact_match(_oracle(task), splits.eval, splits.pool) == 1.0
+    constant = primitives.evaluate_exact_match(
+        lambda prompts, n: ["5"] * len(prompts), splits.eval, splits.pool
+    )
+    assert constant <= 0.3
+    wrong = primitives.evaluate_exact_match(
+        lambda prompts, n: ["#"] * len(prompts), splits.eval, splits.pool, k=0
+    )
+    assert wrong == 0.0
+
+
+def test_evaluate_exact_match_builds_k_shot_prompts_without_the_query():
+    splits = primitives.make_splits("varassign_d1", n_eval=30, n_pool=10)
+    seen = []
+
+    def spy(prompts, max_new_tokens):
+        seen.append((list(prompts), max_new_tokens))
+        return _oracle("varassign_d1")(prompts, max_new_tokens)
+
+    # A pool that contains the evaluation examples themselves: they must never be a shot.
+    pool = splits.pool + splits.eval
+    primitives.evaluate_exact_match(spy, splits.eval, pool, k=5, seed=3)
+    ((prompts, max_new_tokens),) = seen
+    assert max_new_tokens == 1
+    assert len(prompts) == len(splits.eval)
+    known = {f"{e.prompt}{e.answer}" for e in pool}
+    for prompt, query in zip(prompts, splits.eval, strict=True):
+        *shot_lines, last = prompt.split("\n")
+        assert last == query.prompt
+        assert len(shot_lines) == 5 and len(set(shot_lines)) == 5
+        assert all(line in known for line in shot_lines)
+        assert f"{query.prompt}{query.answer}" not in shot_lines
+
+    primitives.evaluate_exact_match(spy, splits.eval, pool, k=5, seed=3)
+    primitives.evaluate_exact_match(spy, splits.eval, pool, k=5, seed=4)
+    assert seen[1][0] == seen[0][0] and seen[2][0] != seen[0][0]
+
+
+def test_evaluate_exact_match_rejects_bad_inputs():
+    splits = primitives.make_splits("math", n_eval=5, n_pool=3)
+    ok = _oracle("math")
+    with pytest.raises(ValueError, match="`shots_pool`.*`k`"):
+        primitives.evaluate_exact_match(ok, splits.eval, splits.pool, k=5)
+    with pytest.raises(ValueError, match="`examples`"):
+        primitives.evaluate_exact_match(ok, [], splits.pool, k=1)
+    with pytest.raises(ValueError, match="`generate_fn`"):
+        primitives.evaluate_exact_match(lambda p, n: ["1"], splits.eval, splits.pool, k=1)
+    with pytest.raises(ValueError, match="`k`"):
+        primitives.evaluate_exact_match(ok, splits.eval, splits.pool, k=-1)
+
+
+def _always(byte: str):
+    def logits_fn(tokens):
+        return jnp.broadcast_to(
+            (jnp.arange(256) == ord(byte)).astype(jnp.float32), (*tokens.shape, 256)
+        )
+
+    return logits_fn
+
+
+def _successor(tokens):
+    """Predicts token + 1 at every position: a causal model that exposes indexing bugs."""
+    return jax.nn.one_hot((tokens + 1) % 256, 256)
+
+
+def test_greedy_generate_with_a_constant_model():
+    out = primitives.greedy_generate(_always("7"), ["5+2=", "a"], 4, max_len=16)
+    assert out == ["7777", "7777"]
+
+
+def test_greedy_generate_continues_each_prompt_from_its_own_end():
+    prompts = ["abc", "x", "klmnop", "0", "AB"]
+    shapes = []
+
+    def logits_fn(tokens):
+        shapes.append(tokens.shape)
+        return _successor(tokens)
+
+    out = primitives.greedy_generate(logits_fn, prompts, 3, max_len=12, batch_size=2)
+    assert out == ["def", "yz{", "qrs", "123", "CDE"]
+    assert set(shapes) == {(2, 12)}  # fixed shape, dummy rows fill the last batch
+
+
+def test_greedy_generate_compiles_a_jitted_model_once():
+    traces = []
+
+    @jax.jit
+    def logits_fn(tokens):
+        traces.append(tokens.shape)
+        return _successor(tokens)
+
+    prompts = [e.prompt for e in primitives.generate("math", 7, seed=0)]
+    out = primitives.greedy_generate(logits_fn, prompts, 2, max_len=10, batch_size=4)
+    assert len(traces) == 1
+    assert all(len(o) == 2 for o in out)
+
+
+def test_greedy_generate_truncates_long_prompts_from_the_left():
+    rows = []
+
+    def logits_fn(tokens):
+        rows.append(np.asarray(tokens))
+        return _successor(tokens)
+
+    out = primitives.greedy_generate(logits_fn, ["0123456789abcdef"], 2, max_len=8)
+    assert data.decode(rows[0][0, :6]) == "abcdef"
+    assert out == ["gh"]
+
+
+def test_greedy_generate_rejects_bad_inputs():
+    ok = _always("7")
+    with pytest.raises(ValueError, match="`max_len`"):
+        primitives.greedy_generate(ok, ["a"], 4, max_len=4)
+    with pytest.raises(ValueError, match="`max_new_tokens`"):
+        primitives.greedy_generate(ok, ["a"], 0, max_len=4)
+    with pytest.raises(ValueError, match=r"`prompts\[1\]`"):
+        primitives.greedy_generate(ok, ["a", ""], 1, max_len=4)
+    with pytest.raises(TypeError, match="`prompts`"):
+        primitives.greedy_generate(ok, "abc", 1, max_len=4)
+    with pytest.raises(ValueError, match="`logits_fn`"):
+        primitives.greedy_generate(lambda t: jnp.zeros((1, 256)), ["a"], 1, max_len=4)
+    assert primitives.greedy_generate(ok, [], 1, max_len=4) == []
+
+
+def test_greedy_generate_and_evaluate_together():
+    splits = primitives.make_splits("math", n_eval=20, n_pool=10)
+
+    def generate_fn(prompts, max_new_tokens):
+        return primitives.greedy_generate(_always("7"), prompts, max_new_tokens, max_len=128)
+
+    score = primitives.evaluate_exact_match(generate_fn, splits.eval, splits.pool, k=5)
+    assert score == pytest.approx(np.mean([e.answer == "7" for e in splits.eval]))
+
+
+def test_finetune_batch_masks_only_the_answer():
+    examples = primitives.generate("induction", 8, seed=0) + primitives.generate(
+        "varassign_d2", 8, seed=0
+    )
+    tokens, mask = primitives.finetune_examples_to_batch(examples, seq_len=64)
+    assert tokens.shape == (16, 65) and tokens.dtype == np.int32
+    assert mask.shape == (16, 64) and mask.dtype == np.float32
+    targets = tokens[:, 1:]
+    for i, e in enumerate(examples):
+        text = f"{e.prompt}{e.answer}\n"
+        assert data.decode(tokens[i, : len(text)]) == text
+        assert np.all(tokens[i, len(text) :] == 0)
+        assert data.decode(targets[i][mask[i] == 1]) == e.answer
+        assert mask[i].sum() == len(e.answer)
+
+
+def test_finetune_batch_rejects_examples_that_do_not_fit():
+    with pytest.raises(ValueError, match="`seq_len`.*at least 7"):
+        primitives.finetune_examples_to_batch([Example("5+3-2=", "6")], seq_len=6)
+    tokens, _ = primitives.finetune_examples_to_batch([Example("5+3-2=", "6")], seq_len=7)
+    assert tokens.shape == (1, 8)
+    with pytest.raises(ValueError, match="`examples`"):
+        primitives.finetune_examples_to_batch([], seq_len=8)
+    with pytest.raises(ValueError, match=r"`examples\[0\]`.*empty prompt"):
+        primitives.finetune_examples_to_batch([Example("", "6")], seq_len=8)
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(primitives, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
