@@ -52,8 +52,9 @@ def _candidate_params(params: Any) -> list[Any]:
     return cands
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)) if hasattr(x, "shape") else x, tree)
+def _abstract(tree: Any) -> list[tuple[tuple[int, ...], Any]]:
+    """The (shape, dtype) of every leaf, in order (compare together with the tree structure)."""
+    return [(tuple(x.shape), jnp.dtype(x.dtype)) for x in jax.tree.leaves(tree)]
 
 
 def _match_params(optimizer: Any, opt_state: Any, params: Any) -> Any:
@@ -283,7 +284,7 @@ def _grow_params_like(
     if any(k == "grow" for k in kinds):
         grown = grow_sequence(Stack(growable, seq.order), plan)
         new_order = grown.order
-        grown_leaves = jax.tree.flatten(grown.layers, is_leaf=lambda x: x is None)[0]
+        grown_leaves = leaves_def.flatten_up_to(grown.layers)
     else:
         grown_leaves = [None] * len(leaves)
     fresh_leaves = None
