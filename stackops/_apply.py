@@ -315,7 +315,20 @@ def grow(model: T, op: AbstractGrowth | Plan, *, where: Callable[[T], Any], pres
 
 
 def plan_for(model: Any, op: AbstractGrowth | Plan, *, where: Callable[[Any], Any]) -> Plan:
-    """The plan that `grow(model, op, where=where)` would apply (nothing is changed)."""
+    """The plan that `grow(model, op, where=where)` would apply (nothing is changed).
+
+    !!! Example
+
+        ```python
+        import jax
+        import stackops as so
+        from stackops.models import DecoderLM, LMConfig
+
+        model = DecoderLM(LMConfig(d_model=16, n_heads=2, n_layers=4), key=jax.random.key(0))
+        plan = so.plan_for(model, so.middle_stack(block=2), where=lambda m: m.blocks)
+        assert plan.sources() == (0, 1, 0, 1, 2, 3)
+        ```
+    """
     return make_plan(op, get_layers(model, where))
 
 

@@ -48,6 +48,21 @@ class AbstractGrowth(abc.ABC):
 
     Subclasses implement `plan`. Operators are cheap, immutable and hashable by value, so they
     can be closed over inside `jax.jit`.
+
+    !!! Example
+
+        ```python
+        import stackops as so
+
+        class reverse(so.AbstractGrowth):
+            # Run the layers in reverse order (a toy operator).
+
+
+            def plan(self, depth, *, order=None):
+                return so.layer_map(list(range(depth))[::-1], name="reverse").plan(depth)
+
+        assert reverse().plan(3).sources() == (2, 1, 0)
+        ```
     """
 
     @abc.abstractmethod

@@ -21,7 +21,17 @@ from collections.abc import Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Keep:
-    """The stored layer run by old position `source`, kept bit-identical."""
+    """The stored layer run by old position `source`, kept bit-identical.
+
+    !!! Example
+
+        ```python
+        import stackops as so
+
+        plan = so.last_stack(block=1).plan(depth=2)
+        assert plan.layers[0] == so.Keep(0)
+        ```
+    """
 
     source: int
 
@@ -34,6 +44,16 @@ class Mix:
     """A new layer: `sum(w * old[s] for s, w in zip(sources, weights))`.
 
     With one source and weight 1.0 this is a fresh copy of that layer.
+
+    !!! Example
+
+        ```python
+        import stackops as so
+
+        plan = so.interpolate(block=1, t=0.25).plan(depth=2)
+        mix = plan.layers[plan.order[1]]
+        assert mix == so.Mix((0, 1), (0.75, 0.25)) and not mix.is_copy
+        ```
     """
 
     sources: tuple[int, ...]

@@ -70,7 +70,18 @@ class LMConfig:
 
 
 class Norm(eqx.Module):
-    """RMSNorm or LayerNorm over the last axis (statistics in float32)."""
+    """RMSNorm or LayerNorm over the last axis (statistics in float32).
+
+    !!! Example
+
+        ```python
+        import jax.numpy as jnp
+        from stackops.models import Norm
+
+        y = Norm(4, "layer")(jnp.arange(8.0).reshape(2, 4))
+        assert jnp.allclose(y.mean(-1), 0, atol=1e-5)
+        ```
+    """
 
     scale: Float[Array, " d"]
     bias: Float[Array, " d"] | None
@@ -99,14 +110,35 @@ def _rope(x: Float[Array, "B T H Dh"], cos: Array, sin: Array) -> Array:
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Array, Array]:
-    """Rotary cos/sin tables of shape `(seq_len, 1, head_dim // 2)`."""
+    """Rotary cos/sin tables of shape `(seq_len, 1, head_dim // 2)`.
+
+    !!! Example
+
+        ```python
+        from stackops.models import rope_tables
+
+        cos, sin = rope_tables(8, 16)
+        assert cos.shape == sin.shape == (8, 1, 8)
+        ```
+    """
     inv = 1.0 / (base ** (jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2 / head_dim))
     ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv[None, :]
     return jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
 
 
 class Attention(eqx.Module):
-    """Causal multi-head self-attention with fused QKV and an output projection `wo`."""
+    """Causal multi-head self-attention with fused QKV and an output projection `wo`.
+
+    !!! Example
+
+        ```python
+        import jax, jax.numpy as jnp
+        from stackops.models import Attention
+
+        attn = Attention(16, 2, rope=False, out_std=0.02, key=jax.random.key(0))
+        assert attn(jnp.ones((1, 5, 16)), None).shape == (1, 5, 16)
+        ```
+    """
 
     wqkv: Float[Array, "d three_d"]
     wo: Float[Array, "d d"]
@@ -137,7 +169,18 @@ class Attention(eqx.Module):
 
 
 class MLP(eqx.Module):
-    """GELU MLP with an input projection `w_in` and an output projection `w_out`."""
+    """GELU MLP with an input projection `w_in` and an output projection `w_out`.
+
+    !!! Example
+
+        ```python
+        import jax, jax.numpy as jnp
+        from stackops.models import MLP
+
+        mlp = MLP(8, 32, out_std=0.02, key=jax.random.key(0))
+        assert mlp(jnp.ones((1, 3, 8))).shape == (1, 3, 8)
+        ```
+    """
 
     w_in: Float[Array, "d ff"]
     w_out: Float[Array, "ff d"]
@@ -156,6 +199,18 @@ class Block(eqx.Module):
 
     Zeroing `attn.wo` and `mlp.w_out` makes the block the identity, which is what
     `residual_out_leaves` tells `stackops.grow(..., preserve=True)`.
+
+    !!! Example
+
+        ```python
+        import equinox as eqx, jax, jax.numpy as jnp
+        from stackops.models import Block, LMConfig
+
+        block = Block(LMConfig(d_model=16, n_heads=2), key=jax.random.key(0))
+        identity = eqx.tree_at(lambda b: b.residual_out_leaves(), block, replace_fn=jnp.zeros_like)
+        x = jnp.ones((1, 4, 16))
+        assert jnp.array_equal(identity(x), x)
+        ```
     """
 
     norm1: Norm
