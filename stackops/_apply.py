@@ -41,7 +41,9 @@ def get_layers(tree: Any, where: Callable[[Any], Any], *, argname: str = "where"
         return seq
     if isinstance(seq, (list, tuple)):
         if len(seq) == 0:
-            raise ValueError(f"`{argname}` points at an empty sequence: there are no layers to grow.")
+            raise ValueError(
+                f"`{argname}` points at an empty sequence: there are no layers to grow."
+            )
         if all(isinstance(x, jax.Array | np.ndarray) for x in seq):
             pass  # a list of arrays is a valid (if unusual) layer sequence
         return seq
@@ -102,7 +104,9 @@ def _mix_rows(x: jax.Array, specs: Specs) -> jax.Array:
             primary.append(srcs[int(np.argmax(ws))])
     out = jnp.take(x, jnp.asarray(primary, jnp.int32), axis=0)
     mix_rows = [
-        i for i, sp in enumerate(specs) if not isinstance(sp, int) and not (len(sp[0]) == 1 and sp[1][0] == 1.0)
+        i
+        for i, sp in enumerate(specs)
+        if not isinstance(sp, int) and not (len(sp[0]) == 1 and sp[1][0] == 1.0)
     ]
     if mix_rows and jnp.issubdtype(x.dtype, jnp.inexact):
         k = max(len(specs[i][0]) for i in mix_rows)
@@ -127,7 +131,9 @@ def _zero_rows(layers: Any, preserve: PreserveFn, rows: tuple[int, ...]) -> Any:
     return eqx.tree_at(preserve, layers, replace_fn=lambda a: a.at[idx].set(0))
 
 
-def _grow_dynamic(dyn: Any, specs: Specs, preserve: PreserveFn | None, new_rows: tuple[int, ...], static: Any):
+def _grow_dynamic(
+    dyn: Any, specs: Specs, preserve: PreserveFn | None, new_rows: tuple[int, ...], static: Any
+):
     out = jax.tree.map(lambda x: _mix_rows(x, specs), dyn)
     if preserve is not None:
         full = eqx.combine(out, static)
@@ -137,8 +143,16 @@ def _grow_dynamic(dyn: Any, specs: Specs, preserve: PreserveFn | None, new_rows:
 
 
 @functools.lru_cache(maxsize=256)
-def _jitted(specs: Specs, preserve: PreserveFn | None, new_rows: tuple[int, ...], static: Any, shardings: Any):
-    fn = functools.partial(_grow_dynamic, specs=specs, preserve=preserve, new_rows=new_rows, static=static)
+def _jitted(
+    specs: Specs,
+    preserve: PreserveFn | None,
+    new_rows: tuple[int, ...],
+    static: Any,
+    shardings: Any,
+):
+    fn = functools.partial(
+        _grow_dynamic, specs=specs, preserve=preserve, new_rows=new_rows, static=static
+    )
     if shardings is None:
         return jax.jit(fn)
     return jax.jit(fn, out_shardings=shardings)
@@ -160,7 +174,9 @@ def grow_stacked_arrays(
             fn = _jitted(specs, preserve, new_rows, static, shardings)
         except TypeError:  # unhashable static part or selector: run without the cache
             fn = jax.jit(
-                functools.partial(_grow_dynamic, specs=specs, preserve=preserve, new_rows=new_rows, static=static),
+                functools.partial(
+                    _grow_dynamic, specs=specs, preserve=preserve, new_rows=new_rows, static=static
+                ),
                 out_shardings=shardings,
             )
         out = fn(dyn)
@@ -239,7 +255,8 @@ def grow_sequence(seq: Any, plan: Plan, *, preserve: Any = None, argname: str = 
     if len(set(order_out)) != len(order_out):
         raise ValueError(
             f"{plan.name} ties positions (shared weights), which needs a stackops.Stack: a plain "
-            f"{type(seq).__name__} of layers cannot share them. Convert with `stackops.stack(layers)`"
+            f"{type(seq).__name__} of layers cannot share them. Convert with "
+            "`stackops.stack(layers)`"
             ", or use an operator that copies (e.g. middle_stack instead of loop_tie)."
         )
     check_same_structure(list(seq), f"the layers at `{argname}`")
@@ -271,7 +288,9 @@ def grow_sequence(seq: Any, plan: Plan, *, preserve: Any = None, argname: str = 
     return type(seq)(out) if isinstance(seq, tuple) else out
 
 
-def grow(model: T, op: AbstractGrowth | Plan, *, where: Callable[[T], Any], preserve: Any = None) -> T:
+def grow(
+    model: T, op: AbstractGrowth | Plan, *, where: Callable[[T], Any], preserve: Any = None
+) -> T:
     """Grow a model in depth: apply a growth operator to the layers that `where` points at.
 
     Returns a new model; the input is never modified. Kept layers are bit-identical, copies

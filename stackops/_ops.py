@@ -183,7 +183,9 @@ class loop_tie(AbstractGrowth):
         ```
     """
 
-    def __init__(self, block: int = 1, repeats: int = 2, *, at: Literal["middle", "last"] = "middle"):
+    def __init__(
+        self, block: int = 1, repeats: int = 2, *, at: Literal["middle", "last"] = "middle"
+    ):
         self.block = _check_block(block)
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"`repeats` must be an integer >= 1, got {repeats!r}.")
@@ -231,9 +233,7 @@ class untie(AbstractGrowth):
             src.append(p if s not in seen else [(p, 1.0)])
             seen.add(s)
         # Untying inserts nothing: every position continues itself.
-        return plan_from_sources(
-            depth, src, tie=False, name="untie()", origin=tuple(range(depth))
-        )
+        return plan_from_sources(depth, src, tie=False, name="untie()", origin=tuple(range(depth)))
 
 
 class interpolate(AbstractGrowth):

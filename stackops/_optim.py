@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
@@ -80,7 +80,8 @@ def _match_params(optimizer: Any, opt_state: Any, params: Any) -> Any:
                     if (tuple(a.shape), a.dtype) != (tuple(b.shape), b.dtype):
                         first_diff = (
                             f"state leaf {jax.tree_util.keystr(p)} is {tuple(b.shape)} "
-                            f"{b.dtype}, but optimizer.init(params) gives {tuple(a.shape)} {a.dtype}"
+                            f"{b.dtype}, but optimizer.init(params) gives "
+                            f"{tuple(a.shape)} {a.dtype}"
                         )
                         break
     raise ValueError(
@@ -274,7 +275,7 @@ def _grow_params_like(
     if "reset" in kinds:
         warnings.warn(
             f"grow_opt_state: {kinds.count('reset')} optimizer-state leaves (shapes "
-            f"{[tuple(l.shape) for l, k in zip(leaves, kinds) if k == 'reset']}) change layout "
+            f"{[tuple(x.shape) for x, k in zip(leaves, kinds) if k == 'reset']}) change layout "
             "with depth (e.g. Adafactor factoring other dimensions) and were re-initialised.",
             stacklevel=3,
         )

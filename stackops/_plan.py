@@ -225,9 +225,7 @@ class Plan:
                         for s2, w2 in zip(a_spec.sources, a_spec.weights):
                             acc[s2] = acc.get(s2, 0.0) + w * w2
                 srcs = tuple(acc)
-                other_to_new[b_idx] = intern(
-                    ("b", b_idx), Mix(srcs, tuple(acc[s] for s in srcs))
-                )
+                other_to_new[b_idx] = intern(("b", b_idx), Mix(srcs, tuple(acc[s] for s in srcs)))
         order = [other_to_new[i] for i in other.order]
         # Renumber layers in order of first use so that untied plans run layers in order.
         first_use: dict[int, int] = {}

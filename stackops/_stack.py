@@ -73,21 +73,27 @@ class Stack(eqx.Module, Generic[M]):
         for path, size in sizes:
             if size != n:
                 raise ValueError(
-                    f"Stack(layers=...): leaves disagree on the layer axis: {sizes[0][0] or '<root>'}"
+                    "Stack(layers=...): leaves disagree on the layer axis: "
+                    f"{sizes[0][0] or '<root>'}"
                     f" has {n} layers but {path or '<root>'} has {size}. Every array leaf must have"
                     " the same leading size."
                 )
         if self.order is not None:
             order = tuple(self.order)
             if not order:
-                raise ValueError("Stack(order=...): `order` is empty; it needs one entry per position.")
+                raise ValueError(
+                    "Stack(order=...): `order` is empty; it needs one entry per position."
+                )
             if any((not isinstance(i, int)) or not 0 <= i < n for i in order):  # type: ignore[operator]
                 raise ValueError(
-                    f"Stack(order=...): entries must be stored-layer indices in 0..{n - 1}, got {order}."
+                    "Stack(order=...): entries must be stored-layer indices in "
+                    f"0..{n - 1}, got {order}."
                 )
             if set(order) != set(range(n)):  # type: ignore[arg-type]
                 unused = sorted(set(range(n)) - set(order))  # type: ignore[arg-type]
-                raise ValueError(f"Stack(order=...): stored layers {unused} are never run; drop them.")
+                raise ValueError(
+                    f"Stack(order=...): stored layers {unused} are never run; drop them."
+                )
 
     @property
     def num_layers(self) -> int:
@@ -103,9 +109,7 @@ class Stack(eqx.Module, Generic[M]):
         """Number of positions (layers run in sequence)."""
         return len(self.order) if self.order is not None else self.num_layers
 
-    def scan(
-        self, fn: Callable[[C, M], C], init: C, *, unroll: int | bool = 1
-    ) -> C:
+    def scan(self, fn: Callable[[C, M], C], init: C, *, unroll: int | bool = 1) -> C:
         """Run `carry = fn(carry, layer)` for each position in order, with `jax.lax.scan`.
 
         **Arguments:**
@@ -119,6 +123,7 @@ class Stack(eqx.Module, Generic[M]):
         dynamic, static = eqx.partition(self.layers, eqx.is_array)
 
         if self.order is None or list(self.order) == list(range(self.num_layers)):
+
             def body(carry, layer_dyn):
                 return fn(carry, eqx.combine(layer_dyn, static)), None
 
@@ -239,6 +244,4 @@ def unstack(s: Stack[M]) -> list[M]:
             "express. Use stackops.grow(s, stackops.untie(), where=lambda x: x) first."
         )
     idx = s.order if s.order is not None else range(s.num_layers)
-    return [
-        jax.tree.map(lambda a, i=i: a[i] if eqx.is_array(a) else a, s.layers) for i in idx
-    ]
+    return [jax.tree.map(lambda a, i=i: a[i] if eqx.is_array(a) else a, s.layers) for i in idx]

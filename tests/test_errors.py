@@ -52,16 +52,27 @@ def test_layers_of_different_structures_in_one_list_are_rejected():
     with pytest.raises(ValueError, match="different structure"):
         so.stack(layers)
     with pytest.raises(ValueError, match="different structure"):
-        so.grow([make_layers(1)[0], eqx.nn.Linear(4, 4, key=jax.random.key(0))], so.last_stack(1), where=lambda s: s)
+        so.grow(
+            [make_layers(1)[0], eqx.nn.Linear(4, 4, key=jax.random.key(0))],
+            so.last_stack(1),
+            where=lambda s: s,
+        )
 
 
 def test_stack_whose_leaves_disagree_on_the_layer_axis_is_rejected():
     layer = eqx.nn.Linear(3, 3, key=jax.random.key(0))
-    bad = eqx.tree_at(lambda l: (l.weight, l.bias), layer, (jnp.zeros((4, 3, 3)), jnp.zeros((5, 3))))
+    bad = eqx.tree_at(
+        lambda b: (b.weight, b.bias), layer, (jnp.zeros((4, 3, 3)), jnp.zeros((5, 3)))
+    )
     with pytest.raises(ValueError, match="disagree on the layer axis"):
         so.Stack(bad)
     with pytest.raises(ValueError, match="order"):
-        so.Stack(eqx.tree_at(lambda l: (l.weight, l.bias), layer, (jnp.zeros((2, 3, 3)), jnp.zeros((2, 3)))), order=(0, 0))
+        so.Stack(
+            eqx.tree_at(
+                lambda b: (b.weight, b.bias), layer, (jnp.zeros((2, 3, 3)), jnp.zeros((2, 3)))
+            ),
+            order=(0, 0),
+        )
 
 
 def test_tying_on_a_plain_list_is_rejected():
@@ -75,13 +86,13 @@ def test_tying_on_a_plain_list_is_rejected():
 def test_preserve_with_tied_insertions_is_rejected():
     _, sm = make_models(2)
     with pytest.raises(ValueError, match="preserve"):
-        so.grow(sm, so.loop_tie(block=1), where=lambda m: m.blocks, preserve=lambda l: (l.w2, l.b2))
+        so.grow(sm, so.loop_tie(block=1), where=lambda m: m.blocks, preserve=lambda b: (b.w2, b.b2))
 
 
 def test_bad_preserve_selector_is_rejected():
     lm, sm = make_models(2)
     with pytest.raises(ValueError, match="preserve"):
-        so.grow(sm, so.middle_stack(1), where=lambda m: m.blocks, preserve=lambda l: l.nope)
+        so.grow(sm, so.middle_stack(1), where=lambda m: m.blocks, preserve=lambda b: b.nope)
     with pytest.raises(TypeError, match="preserve"):
         so.grow(sm, so.middle_stack(1), where=lambda m: m.blocks, preserve="w2")
     layers = [eqx.nn.Linear(2, 2, key=k) for k in jax.random.split(jax.random.key(0), 2)]

@@ -47,7 +47,11 @@ def test_kept_layers_bit_identical_and_copies_equal_sources(depth_op, layout):
             assert tree_allclose(new[q], want), f"position {q} of {plan}"
 
 
-@given(depth_and_op(allow_map=False), st.sampled_from(["list", "stack"]), st.sampled_from(["mlp", "lm"]))
+@given(
+    depth_and_op(allow_map=False),
+    st.sampled_from(["list", "stack"]),
+    st.sampled_from(["mlp", "lm"]),
+)
 def test_preserve_mode_leaves_outputs_unchanged(depth_op, layout, model_kind):
     depth, op = depth_op
     x = jax.random.normal(jax.random.key(7), (3, 4))
@@ -94,7 +98,11 @@ def test_untie_of_loop_tie_equals_middle_stack(block, n, repeats):
     x = jax.random.normal(jax.random.key(1), (2, 4))
     np.testing.assert_array_equal(np.asarray(tied(x)), np.asarray(untied(x)))
     # Composed form: one operator doing both.
-    both = so.grow(sm, so.compose(so.loop_tie(block=block, repeats=repeats), so.untie()), where=lambda m: m.blocks)
+    both = so.grow(
+        sm,
+        so.compose(so.loop_tie(block=block, repeats=repeats), so.untie()),
+        where=lambda m: m.blocks,
+    )
     assert tree_equal(both, untied)
 
 
@@ -111,14 +119,21 @@ def test_tied_gradient_is_sum_of_untied_gradients(block, n):
     g_untied = eqx.filter_grad(loss)(untied)
     order = tied.blocks.order
     summed = jax.tree.map(
-        lambda gu: jnp.stack([sum(gu[q] for q in range(len(order)) if order[q] == s) for s in range(tied.blocks.num_layers)]),
+        lambda gu: jnp.stack(
+            [
+                sum(gu[q] for q in range(len(order)) if order[q] == s)
+                for s in range(tied.blocks.num_layers)
+            ]
+        ),
         g_untied.blocks.layers,
     )
     assert tree_allclose(g_tied.blocks.layers, summed, rtol=1e-5, atol=1e-6)
     assert tree_allclose(g_tied.inp, g_untied.inp, rtol=1e-5, atol=1e-6)
 
 
-@given(depth_and_op(allow_map=False), depth_and_op(allow_map=True), st.sampled_from(["list", "stack"]))
+@given(
+    depth_and_op(allow_map=False), depth_and_op(allow_map=True), st.sampled_from(["list", "stack"])
+)
 def test_grow_twice_equals_grow_with_composed_operator(first, second, layout):
     depth, a = first
     lm, sm = make_models(depth)
@@ -161,7 +176,9 @@ def test_birth_stages_after_six_midas_stages_read_1_3_5_6_4_2():
     births = [1]
     for stage in range(2, 7):
         plan = so.middle_stack(block=1).plan(len(births))
-        births = [births[s] if o is not None else stage for s, o in zip(plan.sources(), plan.origin)]
+        births = [
+            births[s] if o is not None else stage for s, o in zip(plan.sources(), plan.origin)
+        ]
     assert births == [1, 3, 5, 6, 4, 2]
 
 
@@ -185,8 +202,8 @@ def test_interpolate_endpoints_reduce_to_copies():
 def test_grow_does_not_modify_its_input():
     lm, sm = make_models(2)
     before = jax.tree.map(np.asarray, (lm, sm))
-    so.grow(lm, so.middle_stack(block=1), where=lambda m: m.blocks, preserve=lambda l: (l.w2, l.b2))
-    so.grow(sm, so.middle_stack(block=1), where=lambda m: m.blocks, preserve=lambda l: (l.w2, l.b2))
+    so.grow(lm, so.middle_stack(block=1), where=lambda m: m.blocks, preserve=lambda b: (b.w2, b.b2))
+    so.grow(sm, so.middle_stack(block=1), where=lambda m: m.blocks, preserve=lambda b: (b.w2, b.b2))
     assert tree_equal(jax.tree.map(jnp.asarray, before), (lm, sm))
 
 
@@ -209,6 +226,6 @@ def test_growing_a_tied_stack_keeps_its_ties():
 
 def test_residual_mlp_is_a_valid_second_block_shape():
     layer = ResMLP(4, 6, key=jax.random.key(0))
-    zeroed = eqx.tree_at(lambda l: (l.w2, l.b2), layer, replace_fn=jnp.zeros_like)
+    zeroed = eqx.tree_at(lambda b: (b.w2, b.b2), layer, replace_fn=jnp.zeros_like)
     x = jnp.ones((2, 4))
     np.testing.assert_array_equal(np.asarray(zeroed(x)), np.asarray(x))

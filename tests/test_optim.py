@@ -41,7 +41,12 @@ def _trained_state(opt, model, steps=2):
 
 
 CASES = [(name, layout, "copy") for name in sorted(OPTIMIZERS) for layout in ("list", "stack")]
-CASES += [(name, layout, policy) for name in ("adamw", "adafactor") for layout in ("list", "stack") for policy in ("zero", "init")]
+CASES += [
+    (name, layout, policy)
+    for name in ("adamw", "adafactor")
+    for layout in ("list", "stack")
+    for policy in ("zero", "init")
+]
 
 
 @pytest.mark.filterwarnings("ignore:grow_opt_state")
@@ -52,7 +57,9 @@ def test_grown_state_matches_init_structure_and_update_runs(name, layout, policy
     model, state = _trained_state(opt, lm if layout == "list" else sm)
     op = so.middle_stack(block=2)
     grown = so.grow(model, op, where=lambda m: m.blocks)
-    new_state = so.grow_opt_state(opt, state, op, where=lambda m: m.blocks, params=model, policy=policy)
+    new_state = so.grow_opt_state(
+        opt, state, op, where=lambda m: m.blocks, params=model, policy=policy
+    )
     fresh = opt.init(params_of(grown))
     assert jax.tree.structure(new_state) == jax.tree.structure(fresh)
     assert jax.tree.map(jnp.shape, new_state) == jax.tree.map(jnp.shape, fresh)
@@ -163,5 +170,7 @@ def _param_subtrees(opt, old_state, new_state):
 
 def _non_param_parts(opt, old_state, new_state):
     """The non-parameter fields (counts, hyperparameters, ...) of two states."""
-    pairs = [(o, n) for t, o, n in zip(*_split(opt, old_state, new_state)) if not isinstance(t, _Tag)]
+    pairs = [
+        (o, n) for t, o, n in zip(*_split(opt, old_state, new_state)) if not isinstance(t, _Tag)
+    ]
     return [o for o, _ in pairs], [n for _, n in pairs]

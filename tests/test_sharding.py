@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import equinox as eqx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import stackops as so
 from stackops.models import DecoderLM, LMConfig
@@ -29,7 +30,12 @@ def _shard(model, mesh):
 
 @pytest.mark.parametrize(
     "op",
-    [so.middle_stack(block=1), so.last_stack(block=2), so.interpolate(block=1), so.loop_tie(block=1)],
+    [
+        so.middle_stack(block=1),
+        so.last_stack(block=2),
+        so.interpolate(block=1),
+        so.loop_tie(block=1),
+    ],
     ids=repr,
 )
 def test_shardings_survive_growth_without_gathering(op):
@@ -58,13 +64,17 @@ def test_sharded_optimizer_state_grows_with_the_same_shardings():
     state = jax.jit(opt.init)(params)
     op = so.middle_stack(block=1)
     new_state = so.grow_opt_state(opt, state, op, where=lambda m: m.blocks, params=model)
-    for old, new in zip(jax.tree.leaves(state[0].mu.blocks.layers), jax.tree.leaves(new_state[0].mu.blocks.layers)):
+    for old, new in zip(
+        jax.tree.leaves(state[0].mu.blocks.layers), jax.tree.leaves(new_state[0].mu.blocks.layers)
+    ):
         assert new.sharding.is_equivalent_to(old.sharding, new.ndim)
 
 
 def test_layer_axis_sharding_falls_back_when_the_new_depth_does_not_divide():
     mesh = jax.make_mesh((2, 4), ("layers", "data"), axis_types=(AxisType.Auto,) * 2)
-    w = jax.device_put(jnp.arange(2 * 8 * 8.0).reshape(2, 8, 8), NamedSharding(mesh, P("layers", None, "data")))
+    w = jax.device_put(
+        jnp.arange(2 * 8 * 8.0).reshape(2, 8, 8), NamedSharding(mesh, P("layers", None, "data"))
+    )
     s = so.Stack(w)
     grown = so.grow(s, so.middle_stack(block=1), where=lambda t: t)  # depth 2 -> 3
     assert grown.layers.sharding.spec == P(None, None, "data")

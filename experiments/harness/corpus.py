@@ -29,7 +29,12 @@ EVAL_EXCLUDE = 500
 def _synthetic_docs(n_tokens: int, *, seed: int, examples_per_doc: int = 8) -> list[str]:
     """Documents of same-task primitive examples, about `n_tokens` bytes in all."""
     exclude = {
-        task: {e.prompt for e in P.generate(task, EVAL_EXCLUDE if task != "math" else 300, seed=0, stream="eval")}
+        task: {
+            e.prompt
+            for e in P.generate(
+                task, EVAL_EXCLUDE if task != "math" else 300, seed=0, stream="eval"
+            )
+        }
         for task in P.TASKS
     }
     docs: list[str] = []
@@ -39,8 +44,13 @@ def _synthetic_docs(n_tokens: int, *, seed: int, examples_per_doc: int = 8) -> l
     while total < n_tokens:
         for t_idx, task in enumerate(P.TASKS):
             n = 64
-            exs = P.generate(task, n, seed=10_000 + 97 * seed + 7 * round_ + t_idx, stream="pool",
-                             exclude=exclude[task])
+            exs = P.generate(
+                task,
+                n,
+                seed=10_000 + 97 * seed + 7 * round_ + t_idx,
+                stream="pool",
+                exclude=exclude[task],
+            )
             order = rng.permutation(len(exs))
             for start in range(0, len(exs) - examples_per_doc + 1, examples_per_doc):
                 chunk = [exs[i] for i in order[start : start + examples_per_doc]]

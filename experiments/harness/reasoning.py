@@ -62,7 +62,9 @@ class PrimitiveEvalConfig:
     def __post_init__(self):
         for t in self.tasks:
             if t not in P.TASKS:
-                raise ValueError(f"PrimitiveEvalConfig.tasks: unknown task {t!r}; known: {P.TASKS}.")
+                raise ValueError(
+                    f"PrimitiveEvalConfig.tasks: unknown task {t!r}; known: {P.TASKS}."
+                )
         for name in ("n_eval", "max_len", "ft_examples", "ft_batch", "ft_runs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PrimitiveEvalConfig.{name} must be >= 1.")
@@ -107,7 +109,9 @@ def few_shot_accuracy(model: Any, cfg: PrimitiveEvalConfig, *, seed: int = 0) ->
     out = {}
     gen = _generate_fn(model, cfg.max_len)
     for task in cfg.tasks:
-        splits = P.make_splits(task, n_eval=cfg.n_eval, n_pool=max(64, cfg.shots * 4), eval_seed=cfg.eval_seed)
+        splits = P.make_splits(
+            task, n_eval=cfg.n_eval, n_pool=max(64, cfg.shots * 4), eval_seed=cfg.eval_seed
+        )
         out[task] = P.evaluate_exact_match(gen, splits.eval, splits.pool, k=cfg.shots, seed=seed)
     return out
 
@@ -155,7 +159,10 @@ def finetune_accuracy(
         accs = []
         for run in range(cfg.ft_runs):
             splits = P.make_splits(
-                task, n_eval=cfg.n_eval, n_pool=cfg.ft_examples, eval_seed=cfg.eval_seed,
+                task,
+                n_eval=cfg.n_eval,
+                n_pool=cfg.ft_examples,
+                eval_seed=cfg.eval_seed,
                 pool_seed=1000 * (seed + 1) + run,
             )
             tokens, mask = P.finetune_examples_to_batch(splits.pool, cfg.max_len)
@@ -198,7 +205,9 @@ def layer_similarity(blocks: Any) -> np.ndarray:
         n = len(blocks)
         idx = blocks.order if blocks.order is not None else range(n)
         mats = [x for x in jax.tree.leaves(blocks.layers) if x.ndim >= 3]
-        flat = np.concatenate([np.asarray(x).reshape(x.shape[0], -1)[list(idx)] for x in mats], axis=1)
+        flat = np.concatenate(
+            [np.asarray(x).reshape(x.shape[0], -1)[list(idx)] for x in mats], axis=1
+        )
     else:
         rows = []
         for layer in blocks:
@@ -209,7 +218,9 @@ def layer_similarity(blocks: Any) -> np.ndarray:
     return flat @ flat.T
 
 
-def summarize(few: dict[str, float], ft: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+def summarize(
+    few: dict[str, float], ft: dict[str, dict[str, Any]], tasks: Sequence[str]
+) -> dict[str, Any]:
     """Flatten the two evaluations into one JSON-friendly record."""
     rec: dict[str, Any] = {}
     for t in tasks:

@@ -1,4 +1,4 @@
-"""Reference models used by the experiments, docs and tests (the operators do not depend on them)."""
+"""Reference models for the experiments, docs and tests (the operators do not depend on them)."""
 
 from ._transformer import MLP as MLP
 from ._transformer import Attention as Attention

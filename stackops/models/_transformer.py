@@ -301,7 +301,9 @@ class DecoderLM(eqx.Module):
         unroll: int | bool = 1,
     ) -> Float[Array, "B T V"]:
         if tokens.ndim != 2:
-            raise ValueError(f"DecoderLM expects tokens of shape (batch, time), got {tokens.shape}.")
+            raise ValueError(
+                f"DecoderLM expects tokens of shape (batch, time), got {tokens.shape}."
+            )
         t = tokens.shape[1]
         if t > self.config.max_len:
             raise ValueError(f"Sequence length {t} exceeds max_len={self.config.max_len}.")
