@@ -154,13 +154,14 @@ def grow_opt_state(
     fresh_state: Callable[[], Any] | None = None
     if params is not None:
         matched = _match_params(optimizer, opt_state, params)
-        grown_params = grow(matched, op, where=where)
-        target = jax.eval_shape(optimizer.init, grown_params)
+        # Only the shapes are needed here: growing the parameters for real would cost a full
+        # copy of them on every call. They are grown only if a state must be re-initialised.
+        target = jax.eval_shape(lambda p: optimizer.init(grow(p, op, where=where)), matched)
         cache: list[Any] = []
 
         def fresh_state() -> Any:
             if not cache:
-                cache.append(optimizer.init(grown_params))
+                cache.append(optimizer.init(grow(matched, op, where=where)))
             return cache[0]
 
     placeholders = _params_paths(optimizer, opt_state)
