@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig override for every method")
-    p.add_argument("--synthetic-fraction", type=float, default=0.2,
+    p.add_argument("--synthetic-fraction", type=float, default=0.5,
                    help="share of primitive examples in the pretraining tokens")
     p.add_argument("--no-finetune", action="store_true", help="skip the 64-example fine-tuning eval")
     p.add_argument("--no-progress", action="store_true")

@@ -234,3 +234,37 @@ def summarize(
     if ft:
         rec["ft/avg"] = float(np.mean([ft[t]["mean"] for t in tasks if t in ft]))
     return rec
+
+
+def informed_guess_accuracy(task: str, n_eval: int = 200, eval_seed: int = 0) -> float:
+    """Expected accuracy of a model that knows the format but not the computation.
+
+    A stronger floor than uniform chance: for `varassign_*` and `induction`, guessing
+    uniformly among the distinct candidate answers that appear in the prompt (its digits,
+    its items); for `math`, always answering the most frequent result. A model must beat
+    this, not just uniform chance, before it can be said to compute anything.
+
+    !!! Example
+
+        ```python
+        from harness.reasoning import informed_guess_accuracy
+
+        assert 0.1 < informed_guess_accuracy("varassign_d2", n_eval=50) < 0.5
+        ```
+    """
+    import re
+    from collections import Counter
+
+    examples = P.generate(task, n_eval, seed=eval_seed, stream="eval")
+    if task == "math":
+        counts = Counter(e.answer for e in examples)
+        return counts.most_common(1)[0][1] / len(examples)
+    accs = []
+    for e in examples:
+        if task == "induction":
+            context = e.prompt.split("|")[0].split()
+            cands = set(context)
+        else:
+            cands = set(re.findall(r"\d", e.prompt))
+        accs.append(1.0 / len(cands) if e.answer in cands else 0.0)
+    return float(np.mean(accs))
