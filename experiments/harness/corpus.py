@@ -3,7 +3,7 @@
 Real text is the Python standard library's sources (every machine has them offline; its
 assignments and arithmetic resemble the primitives). A tiny model trained briefly on code
 alone stays at chance on the primitives, and then no comparison between methods means
-anything, so a fraction of the training tokens (`synthetic_fraction`, by default 20%) are
+anything, so a fraction of the training tokens (`synthetic_fraction`; `midas.py` uses 50%) are
 documents of primitive examples in the few-shot line format `"{prompt}{answer}\\n"`, drawn
 from the `"pool"` streams with seeds that never produce an evaluation prompt. The
 validation split is real text only, so validation loss measures language modelling.

@@ -1,0 +1,680 @@
+"""The training loop: stagewise growth, sharded steps, evaluation, checkpoints and resume.
+
+[`train`][] is the whole harness as one call; [`Trainer`][] is the same with the steps
+exposed. A run
+
+1. resolves the growth schedule (`harness.methods`) and dry-runs it on the abstract model,
+   so a method that cannot grow this model fails before any work;
+2. builds the mesh, the token files (the Python standard library by default), the grain
+   iterator and the fixed validation batches;
+3. resumes from the latest checkpoint in `run_dir` (manifest first, skeleton rebuilt at the
+   saved stage, then arrays loaded into their shardings) or initialises stage 1 directly
+   sharded;
+4. steps: one jitted, ahead-of-time compiled step per stage; at a stage boundary it grows
+   params and optimizer state inside one `jit` (shardings kept) and compiles the next
+   stage's step once;
+5. logs JSON lines (losses, counted FLOPs, wall time by activity), evaluates at fixed
+   intervals, calls `on_eval` hooks, and checkpoints every `ckpt_every` steps, at every
+   stage boundary (after growing) and at the end.
+
+Within one process, compiled steps are cached by everything that determines them, so a
+second run of the same shapes (another seed, another copying method) skips compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+import stackops as so
+from stackops.models import flops_per_token
+
+from . import data
+from .checkpoint import (
+    CHECKPOINT_SUBDIR,
+    Checkpointer,
+    check_manifest,
+    make_manifest,
+    write_json_atomic,
+)
+from .config import TrainConfig, config_to_dict
+from .evaluate import EvalSet, make_eval_step
+from .methods import GrowthSchedule, growth_schedule
+from .metrics import Clock, MetricsLog, Progress, read_metrics
+from .sharding import batch_sharding, check_divisible, make_mesh, shard_rows
+from .state import (
+    Skeleton,
+    check_schedule,
+    grow_state,
+    init_state,
+    lm_config,
+    make_optimizer,
+    make_train_step,
+    skeleton,
+)
+
+__all__ = ["EvalHook", "TrainResult", "Trainer", "train", "prepare_data", "DEFAULT_DATA_DIR"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_DIR = REPO_ROOT / "data" / "stdlib"
+
+EvalHook = Callable[[int, Any, dict[str, Any]], "Mapping[str, Any] | None"]
+"""`on_eval(step, model, record)`: called at every evaluation with the current model (after
+`step` updates) and the eval record so far; a returned mapping is merged into the record
+(and so into `metrics.jsonl`). In a multi-process run it is called in every process."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What [`train`][] returns.
+
+    **Attributes:**
+
+    - `model`: the final model (sharded arrays), or the model at `stop_after`.
+    - `config`: the run's config.
+    - `step`, `stage` (0-based), `depth`: where the run stopped.
+    - `val_loss`: the last validation loss (from `metrics.jsonl` when this call evaluated
+      nothing, e.g. it resumed a finished run).
+    - `run_dir`, `metrics_path`: the run directory and its `metrics.jsonl`.
+    - `manifest`: the manifest of the last checkpoint saved.
+    """
+
+    model: Any
+    config: TrainConfig
+    step: int
+    stage: int
+    depth: int
+    val_loss: float | None
+    run_dir: Path
+    metrics_path: Path
+    manifest: dict[str, Any]
+
+
+def prepare_data(config: TrainConfig) -> Path:
+    """The directory of the run's token files, building the default corpus on first use.
+
+    With `config.data_dir` set, it must hold `train.bin` and `val.bin`. Otherwise the
+    Python standard library's sources are tokenised into `data/stdlib/` of the repository
+    (once; later runs reuse the files). In a multi-process run the first process builds
+    and the others wait.
+
+    !!! Example
+
+        ```python
+        import tempfile
+        from pathlib import Path
+        import numpy as np
+        from harness import data
+        from harness.config import preset
+
+        d = tempfile.mkdtemp()
+        data.write_tokens(f"{d}/train.bin", np.arange(1000) % 256)
+        data.write_tokens(f"{d}/val.bin", np.arange(500) % 256)
+        assert prepare_data(preset("smoke", data_dir=d)) == Path(d)
+        ```
+    """
+    if config.data_dir:
+        path = Path(config.data_dir)
+        missing = [n for n in ("train.bin", "val.bin") if not (path / n).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"TrainConfig.data_dir={config.data_dir!r} has no {' or '.join(missing)}; build "
+                f"token files with `python experiments/build_tokens.py --out {config.data_dir}` "
+                "(add --src DIR for your own text)."
+            )
+        return path
+    path = DEFAULT_DATA_DIR
+    ready = lambda: (path / "train.bin").is_file() and (path / "val.bin").is_file()
+    if not ready() and jax.process_index() == 0:
+        data.build_token_files(data.default_corpus_files(), path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("stackops:prepare_data")
+    return path
+
+
+# --------------------------------------------------------------------------- compile cache
+
+_CACHE_SIZE = 32
+_EXECUTABLES: OrderedDict[Hashable, Any] = OrderedDict()
+
+# Config fields that do not change what a compiled step or growth computes.
+_NOT_COMPILED = frozenset(
+    {
+        "method",
+        "stages",
+        "alpha",
+        "interp_t",
+        "seed",
+        "data_seed",
+        "data_dir",
+        "eval_every",
+        "eval_batches",
+        "ckpt_every",
+        "keep_checkpoints",
+        "async_checkpoints",
+        "log_every",
+        "progress",
+        "compile_cache",
+    }
+)
+
+
+def _compute_key(config: TrainConfig) -> tuple[Any, ...]:
+    return tuple(
+        (k, v) for k, v in sorted(config_to_dict(config).items()) if k not in _NOT_COMPILED
+    )
+
+
+def _signature(sk: Skeleton) -> tuple[Any, ...]:
+    def leaves(tree: Any) -> tuple[Any, ...]:
+        return tuple((x.shape, str(x.dtype), x.sharding) for x in jax.tree.leaves(tree))
+
+    return (
+        jax.tree.structure(sk.params),
+        leaves(sk.params),
+        jax.tree.structure(sk.opt_state),
+        leaves(sk.opt_state),
+        jax.tree.structure(sk.static),
+    )
+
+
+def _cached(key: Hashable, make: Callable[[], Any]) -> tuple[Any, bool]:
+    try:
+        hit = key in _EXECUTABLES
+    except TypeError:  # an unhashable operator: no caching
+        return make(), False
+    if hit:
+        _EXECUTABLES.move_to_end(key)
+        return _EXECUTABLES[key], True
+    value = make()
+    _EXECUTABLES[key] = value
+    while len(_EXECUTABLES) > _CACHE_SIZE:
+        _EXECUTABLES.popitem(last=False)
+    return value, False
+
+
+def _enable_compile_cache(directory: str) -> None:
+    if not directory or jax.config.jax_compilation_cache_dir == directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """A training run in `run_dir`: set up on construction, trained by [`Trainer.run`][].
+
+    **Arguments:**
+
+    - `config`: the [`TrainConfig`][harness.config.TrainConfig].
+    - `run_dir`: where `config.json`, `metrics.jsonl` and `checkpoints/` go.
+    - `op`: with `config.method="custom"`, any `stackops` operator (used at every stage
+      boundary) or a sequence of `stages - 1` operators, one per boundary.
+    - `on_eval`: an [`EvalHook`][] or a sequence of them.
+    - `mesh`: the device mesh (default: one `data` axis over all devices).
+
+    !!! Example
+
+        ```python
+        import stackops as so
+        from harness.config import preset
+
+        def train_interpolated(run_dir):
+            cfg = preset("smoke", method="custom")
+            trainer = Trainer(cfg, run_dir, op=so.interpolate(block=1, t=0.25))
+            try:
+                return trainer.run()
+            finally:
+                trainer.close()
+        ```
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str | Path,
+        *,
+        op: so.AbstractGrowth | Sequence[so.AbstractGrowth] | None = None,
+        on_eval: EvalHook | Sequence[EvalHook] | None = None,
+        mesh: Mesh | None = None,
+    ):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}.")
+        self.clock = Clock()
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.is_main = jax.process_index() == 0
+        if on_eval is None:
+            self.hooks: list[EvalHook] = []
+        elif callable(on_eval):
+            self.hooks = [on_eval]
+        else:
+            self.hooks = list(on_eval)
+        _enable_compile_cache(config.compile_cache)
+
+        self.schedule: GrowthSchedule = growth_schedule(config, op)
+        self.depths = check_schedule(config, self.schedule)
+        self.mesh = mesh if mesh is not None else make_mesh()
+        check_divisible(config.global_batch, self.mesh, "global_batch")
+        check_divisible(config.eval_rows, self.mesh, "eval_batch")
+        self.optimizer, self.lr_schedule = make_optimizer(config)
+
+        data_dir = prepare_data(config)
+        self.train_tokens = data.load_tokens(data_dir / "train.bin")
+        self.val_tokens = data.load_tokens(data_dir / "val.bin")
+        self.data_info = {
+            "train_tokens": len(self.train_tokens),
+            "val_tokens": len(self.val_tokens),
+        }
+        self._check_vocab(data_dir)
+        self.train_iter = data.make_train_iter(
+            self.train_tokens,
+            seq_len=config.seq_len,
+            global_batch=config.global_batch,
+            seed=config.data_seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        self.eval_set = EvalSet(
+            data.make_eval_batches(
+                self.val_tokens,
+                seq_len=config.seq_len,
+                batch=config.eval_rows,
+                num_batches=config.eval_batches,
+            ),
+            self.mesh,
+        )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = Checkpointer(
+            self.run_dir / CHECKPOINT_SUBDIR,
+            keep=config.keep_checkpoints,
+            async_save=config.async_checkpoints,
+        )
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.log: MetricsLog | None = None
+        self.bar: Progress | None = None
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _check_vocab(self, data_dir: Path) -> None:
+        meta = data_dir / "meta.json"
+        vocab = json.loads(meta.read_text()).get("vocab_size") if meta.is_file() else None
+        if vocab is not None:
+            if vocab > self.config.vocab_size:
+                raise ValueError(
+                    f"The token files in {data_dir} have a vocabulary of {vocab} (meta.json), "
+                    f"but TrainConfig.vocab_size={self.config.vocab_size}; set vocab_size={vocab}."
+                )
+            return
+        for name, toks in (("train", self.train_tokens), ("val", self.val_tokens)):
+            top = int(np.max(toks))
+            if top >= self.config.vocab_size:
+                raise ValueError(
+                    f"The {name} token file holds token id {top}, but TrainConfig.vocab_size="
+                    f"{self.config.vocab_size}; raise vocab_size to at least {top + 1}."
+                )
+
+    def _skeleton(self, stage: int) -> Skeleton:
+        return skeleton(self.config, self.schedule, stage, self.mesh, self.optimizer)
+
+    def _flops_per_step(self, stage: int) -> float:
+        cfg = self.config
+        fpt = flops_per_token(lm_config(cfg, self.depths[stage]), self.depths[stage], cfg.seq_len)
+        return fpt * cfg.tokens_per_step
+
+    def _compile(self, sk: Skeleton) -> tuple[Any, Any, bool]:
+        """The AOT-compiled train and eval steps of a stage (cached within the process)."""
+        cfg = self.config
+        tokens = jax.ShapeDtypeStruct(
+            (cfg.global_batch, cfg.seq_len + 1), np.int32, sharding=batch_sharding(self.mesh)
+        )
+        eval_tokens = jax.ShapeDtypeStruct(
+            (cfg.eval_rows, cfg.seq_len + 1), np.int32, sharding=batch_sharding(self.mesh)
+        )
+        key = ("step", _compute_key(cfg), _signature(sk), self.mesh, cfg.eval_rows)
+
+        def make() -> tuple[Any, Any]:
+            step = make_train_step(cfg, sk, self.optimizer, self.mesh)
+            evaluate = make_eval_step(
+                sk.static,
+                sk.param_shardings,
+                self.mesh,
+                compute_dtype=cfg.compute_dtype,
+                unroll=cfg.unroll,
+            )
+            return (
+                step.lower(sk.params, sk.opt_state, tokens).compile(),
+                evaluate.lower(sk.params, eval_tokens).compile(),
+            )
+
+        (train_step, eval_step), hit = _cached(key, make)
+        return train_step, eval_step, hit
+
+    def _grower(self, sk: Skeleton, next_sk: Skeleton, op: so.AbstractGrowth) -> Callable:
+        cfg = self.config
+        key = ("grow", op, cfg.preserve, cfg.opt_policy, _compute_key(cfg), _signature(sk))
+
+        def make() -> Callable:
+            return lambda p, o: grow_state(p, o, sk, op, cfg, self.optimizer, next_sk)
+
+        return _cached(key, make)[0]
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, *, stop_after: int | None = None, resume: bool = True) -> TrainResult:
+        """Train to `config.total_steps` (or to `stop_after` steps), resuming if possible.
+
+        **Arguments:**
+
+        - `stop_after`: stop (with a checkpoint) once this many steps are done; the run can
+          be resumed later and ends exactly as an uninterrupted one.
+        - `resume`: continue from the latest checkpoint in `run_dir` if there is one;
+          `False` raises when there is one (start a new directory instead).
+
+        **Returns:** a [`TrainResult`][].
+        """
+        cfg, sched = self.config, self.schedule
+        latest = self.ckpt.latest_step()
+        if latest is not None and not resume:
+            raise ValueError(
+                f"{self.run_dir} already holds checkpoints (latest step {latest}); pass "
+                "resume=True to continue that run, or choose a new run directory."
+            )
+        if latest is not None:
+            saved = self.ckpt.manifest(latest)
+            check_manifest(
+                saved,
+                config=cfg,
+                schedule=sched,
+                data_info=self.data_info,
+                where=str(self.run_dir),
+            )
+            step, stage = int(saved["step"]), int(saved["stage"])
+            sk = self._skeleton(stage)
+            params, opt_state = self.ckpt.restore(step, sk, self.train_iter)
+            growth = list(saved["growth"])
+            counters = dict(saved["counters"])
+            self.clock.restore(counters.get("time", {}))
+            self.log = MetricsLog(self.metrics_path, keep_until=step, enabled=self.is_main)
+            event = "resume"
+        else:
+            if self.is_main:
+                write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
+            step, stage = 0, 0
+            sk = self._skeleton(0)
+            params, opt_state = init_state(cfg, sk, self.optimizer, sched.initial_depth)
+            growth = []
+            counters = {"tokens": 0, "flops": 0.0}
+            self.log = MetricsLog(self.metrics_path, keep_until=None, enabled=self.is_main)
+            event = "start"
+        self.clock.lap("init")
+        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sk.params))
+        self.log.write(
+            {
+                "kind": event,
+                "step": step,
+                "stage": stage + 1,
+                "depth": sk.depth,
+                "params": num_params,
+                "method": cfg.method,
+                "stage_lengths": list(sched.lengths),
+                "depths": list(self.depths),
+                "ops": [repr(op) for op in sched.ops],
+                "devices": jax.device_count(),
+                "processes": jax.process_count(),
+                "backend": jax.default_backend(),
+            }
+        )
+        self.bar = Progress(sched.total_steps, step, enabled=cfg.progress and self.is_main)
+
+        tokens, flops = int(counters["tokens"]), float(counters["flops"])
+        total = sched.total_steps
+        stop = total if stop_after is None else max(min(stop_after, total), step)
+        val_loss: float | None = None
+        train_step = eval_step = None
+        pending: list[dict[str, jax.Array]] = []
+        window = {"tokens": 0, "flops": 0.0, "time": self.clock.totals["train"]}
+        manifest: dict[str, Any] = {}  # of the last checkpoint saved by this call
+
+        def model_now() -> Any:
+            return sk.model(params)
+
+        def flush_train() -> None:
+            # One device sync per record: per-step values are fetched together.
+            if not pending:
+                self.clock.lap("train")
+                return
+            values = jax.device_get(pending)
+            pending.clear()
+            self.clock.lap("train")
+            losses = [float(v["loss"]) for v in values]
+            dt = self.clock.totals["train"] - window["time"]
+            record = {
+                "kind": "train",
+                "step": step,
+                "stage": stage + 1,
+                "depth": sk.depth,
+                "loss": sum(losses) / len(losses),
+                "loss_last": losses[-1],
+                "grad_norm": float(values[-1]["grad_norm"]),
+                "lr": float(self.lr_schedule(step - 1)),
+                "tokens": tokens,
+                "flops": flops,
+                "tokens_per_s": window["tokens"] / dt if dt > 0 else None,
+                "flops_per_s": window["flops"] / dt if dt > 0 else None,
+                **self.clock.as_record(),
+            }
+            window.update(tokens=0, flops=0.0, time=self.clock.totals["train"])
+            self.log.write(record)
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(
+                    f"The training loss is {record['loss']} at step {step}; lower TrainConfig.lr "
+                    "or raise warmup_steps."
+                )
+            self.bar.update(
+                0,
+                loss=record["loss"],
+                stage=f"{stage + 1}/{sched.num_stages}",
+                depth=sk.depth,
+                tok_s=record["tokens_per_s"] or 0.0,
+            )
+
+        def evaluate() -> float:
+            loss = self.eval_set.loss(eval_step, params)
+            record: dict[str, Any] = {
+                "kind": "eval",
+                "step": step,
+                "stage": stage + 1,
+                "depth": sk.depth,
+                "val_loss": loss,
+                "tokens": tokens,
+                "flops": flops,
+            }
+            for hook in self.hooks:
+                extra = hook(step, model_now(), dict(record))
+                if extra:
+                    record.update(extra)
+            self.log.write({**record, **self.clock.as_record()})
+            self.bar.write(f"step {step}: stage {stage + 1} depth {sk.depth} val_loss {loss:.4f}")
+            self.clock.lap("eval")
+            return loss
+
+        def save() -> dict[str, Any]:
+            man = make_manifest(
+                config=cfg,
+                schedule=sched,
+                step=step,
+                stage=stage,
+                depth=sk.depth,
+                growth=growth,
+                counters={"tokens": tokens, "flops": flops, "time": dict(self.clock.totals)},
+                data_info=self.data_info,
+            )
+            self.ckpt.save(step, params, opt_state, self.train_iter, man)
+            seconds = self.clock.lap("ckpt")
+            self.log.write({"kind": "checkpoint", "step": step, "seconds": seconds})
+            return man
+
+        def compile_stage() -> tuple[Any, Any]:
+            ts, es, hit = self._compile(sk)
+            seconds = self.clock.lap("compile")
+            self.log.write(
+                {
+                    "kind": "compile",
+                    "step": step,
+                    "stage": stage + 1,
+                    "depth": sk.depth,
+                    "seconds": seconds,
+                    "cached": hit,
+                }
+            )
+            return ts, es
+
+        if step == 0 and stop > 0:
+            train_step, eval_step = compile_stage()
+            val_loss = evaluate()
+
+        while step < stop:
+            if train_step is None:
+                train_step, eval_step = compile_stage()
+            batch = shard_rows(next(self.train_iter)["tokens"], self.mesh)
+            params, opt_state, step_metrics = train_step(params, opt_state, batch)
+            step += 1
+            tokens += cfg.tokens_per_step
+            flops += self._flops_per_step(stage)
+            window["tokens"] += cfg.tokens_per_step
+            window["flops"] += self._flops_per_step(stage)
+            pending.append(step_metrics)
+            self.bar.update(1)
+
+            boundary = stage + 1 < sched.num_stages and step == sched.starts[stage + 1]
+            eval_due = (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == total
+            ckpt_due = (
+                (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0) or boundary or step == stop
+            )
+            if step % cfg.log_every == 0 or eval_due or ckpt_due:
+                flush_train()
+            if eval_due:
+                val_loss = evaluate()
+            if boundary:
+                next_sk = self._skeleton(stage + 1)
+                op = sched.ops[stage]
+                params, opt_state = self._grower(sk, next_sk, op)(params, opt_state)
+                jax.block_until_ready((params, opt_state))
+                seconds = self.clock.lap("grow")
+                event = {
+                    "step": step,
+                    "stage": stage + 2,
+                    "op": repr(op),
+                    "depth_from": sk.depth,
+                    "depth_to": next_sk.depth,
+                    "seconds": seconds,
+                }
+                growth.append(event)
+                self.log.write({"kind": "grow", **event})
+                self.bar.write(
+                    f"step {step}: grew {sk.depth} -> {next_sk.depth} blocks with {op!r}"
+                )
+                stage, sk = stage + 1, next_sk
+                train_step = eval_step = None
+            if ckpt_due:
+                manifest = save()
+
+        flush_train()
+        self.ckpt.wait()
+        self.clock.lap("ckpt")
+        if not manifest and self.ckpt.latest_step() is not None:
+            manifest = self.ckpt.manifest()
+        if val_loss is None and self.metrics_path.exists():
+            # Nothing evaluated in this call (a finished run resumed): report the last one.
+            evals = [r for r in read_metrics(self.metrics_path, "eval") if r["step"] <= step]
+            val_loss = evals[-1]["val_loss"] if evals else None
+        self.log.write(
+            {
+                "kind": "end",
+                "step": step,
+                "stage": stage + 1,
+                "depth": sk.depth,
+                "val_loss": val_loss,
+                "tokens": tokens,
+                "flops": flops,
+                **self.clock.as_record(),
+            }
+        )
+        return TrainResult(
+            model=model_now(),
+            config=cfg,
+            step=step,
+            stage=stage,
+            depth=sk.depth,
+            val_loss=val_loss,
+            run_dir=self.run_dir,
+            metrics_path=self.metrics_path,
+            manifest=manifest,
+        )
+
+    def close(self) -> None:
+        """Finish pending checkpoint writes and close files (safe to call twice)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
+        self.ckpt.close()
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    op: so.AbstractGrowth | Sequence[so.AbstractGrowth] | None = None,
+    on_eval: EvalHook | Sequence[EvalHook] | None = None,
+    stop_after: int | None = None,
+    resume: bool = True,
+    mesh: Mesh | None = None,
+) -> TrainResult:
+    """Train the reference LM under `config` in `run_dir`, resuming if it holds checkpoints.
+
+    **Arguments:**
+
+    - `config`: a [`TrainConfig`][harness.config.TrainConfig] (e.g. `preset("smoke")`).
+    - `run_dir`: the run directory (created if needed).
+    - `op`: with `method="custom"`, any `stackops` operator, or one per boundary.
+    - `on_eval`: hook(s) `on_eval(step, model, record) -> dict | None` called at every
+      evaluation; returned values are logged with the validation loss.
+    - `stop_after`: stop after this many steps (with a checkpoint), to resume later.
+    - `resume`: continue from the latest checkpoint (default); `False` refuses a directory
+      that holds one.
+    - `mesh`: the device mesh (default: all devices on one `data` axis).
+
+    **Returns:** a [`TrainResult`][] (final model, metrics path, last manifest, ...).
+
+    !!! Example
+
+        ```python
+        from harness.config import preset
+        from harness.trainer import train
+
+        def smoke_midas(run_dir):
+            result = train(preset("smoke", method="midas"), run_dir)
+            print(result.val_loss, result.depth, result.metrics_path)
+            return result.model
+        ```
+    """
+    trainer = Trainer(config, run_dir, op=op, on_eval=on_eval, mesh=mesh)
+    try:
+        return trainer.run(stop_after=stop_after, resume=resume)
+    finally:
+        trainer.close()
