@@ -104,6 +104,13 @@ class Norm(eqx.Module):
         return y.astype(x.dtype)
 
 
+def _dense(x: Array, w: Array) -> Array:
+    """`x @ w` over the last axis, computed on `(rows, d)`: XLA's CPU backend runs a 2-D
+    matmul (and its gradient) about twice as fast as the same product on `(B, T, d)`."""
+    y = x.reshape(-1, x.shape[-1]) @ w.astype(x.dtype)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
 def _rope(x: Float[Array, "B T H Dh"], cos: Array, sin: Array) -> Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -155,7 +162,7 @@ class Attention(eqx.Module):
     def __call__(self, x: Float[Array, "B T d"], rope: tuple[Array, Array] | None) -> Array:
         b, t, d = x.shape
         h = self.n_heads
-        qkv = x @ self.wqkv.astype(x.dtype)
+        qkv = _dense(x, self.wqkv)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, h, d // h), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # B T H Dh
         if self.rope and rope is not None:
@@ -165,7 +172,7 @@ class Attention(eqx.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
-        return out @ self.wo.astype(x.dtype)
+        return _dense(out, self.wo)
 
 
 class MLP(eqx.Module):
@@ -191,7 +198,7 @@ class MLP(eqx.Module):
         self.w_out = out_std * jax.random.normal(k2, (ff, d), jnp.float32)
 
     def __call__(self, x: Float[Array, "B T d"]) -> Array:
-        return jax.nn.gelu(x @ self.w_in.astype(x.dtype)) @ self.w_out.astype(x.dtype)
+        return _dense(jax.nn.gelu(_dense(x, self.w_in)), self.w_out)
 
 
 class Block(eqx.Module):
@@ -316,7 +323,7 @@ class DecoderLM(eqx.Module):
         h = h.astype(compute_dtype)
         h = self.blocks(h, rope, unroll=unroll)
         h = self.norm_f(h)
-        return (h @ self.head.astype(compute_dtype)).astype(jnp.float32)
+        return _dense(h, self.head.astype(compute_dtype)).astype(jnp.float32)
 
 
 def flops_per_token(config: LMConfig, depth: int, seq_len: int, *, train: bool = True) -> float:
