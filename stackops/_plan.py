@@ -226,22 +226,11 @@ class Plan:
                             acc[s2] = acc.get(s2, 0.0) + w * w2
                 srcs = tuple(acc)
                 other_to_new[b_idx] = intern(("b", b_idx), Mix(srcs, tuple(acc[s] for s in srcs)))
-        order = [other_to_new[i] for i in other.order]
-        # Renumber layers in order of first use so that untied plans run layers in order.
-        first_use: dict[int, int] = {}
-        for i in order:
-            first_use.setdefault(i, len(first_use))
-        layers = [None] * len(first_use)
-        for old, new in first_use.items():
-            layers[new] = new_layers[old]
+        layers, order = _renumber(new_layers, [other_to_new[i] for i in other.order])
         assert self.origin is not None and other.origin is not None
         origin = tuple(None if o is None else self.origin[o] for o in other.origin)
         return Plan(
-            self.depth_in,
-            tuple(layers),  # type: ignore[arg-type]
-            tuple(first_use[i] for i in order),
-            name=f"{self.name} -> {other.name}",
-            origin=origin,
+            self.depth_in, layers, order, name=f"{self.name} -> {other.name}", origin=origin
         )
 
     def __repr__(self) -> str:
@@ -317,21 +306,23 @@ def plan_from_sources(
             order.append(len(layers) - 1)
     if not order:
         raise ValueError("sources is empty: a grown stack needs at least one layer.")
-    # Renumber so that stored layers appear in order of first use.
+    # A kept layer dropped from the result is allowed (the plan just does not keep it).
+    new_layers, new_order = _renumber(layers, order)
+    return Plan(depth_in, new_layers, new_order, name=name, origin=origin)
+
+
+def _renumber(
+    layers: Sequence[LayerSpec], order: Sequence[int]
+) -> tuple[tuple[LayerSpec, ...], tuple[int, ...]]:
+    """Number stored layers in order of first use (so an untied plan runs them in order),
+    dropping layers no position uses."""
     first_use: dict[int, int] = {}
     for i in order:
         first_use.setdefault(i, len(first_use))
-    new_layers = [None] * len(first_use)
+    renumbered: list[LayerSpec] = [layers[0]] * len(first_use)
     for old, new in first_use.items():
-        new_layers[new] = layers[old]
-    # A kept layer dropped from the result is allowed (the plan just does not keep it).
-    return Plan(
-        depth_in,
-        tuple(new_layers),  # type: ignore[arg-type]
-        tuple(first_use[i] for i in order),
-        name=name,
-        origin=origin,
-    )
+        renumbered[new] = layers[old]
+    return tuple(renumbered), tuple(first_use[i] for i in order)
 
 
 def resolve(
