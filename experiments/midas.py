@@ -1,7 +1,7 @@
 """Baseline vs GradStack vs MIDAS at small scale: loss, compute, wall time, reasoning primitives.
 
     python experiments/midas.py --preset smoke            # about a minute
-    python experiments/midas.py                           # default preset, ~20 min on 2 CPU cores
+    python experiments/midas.py                           # default preset, ~25-30 min on 2 CPU cores
     python experiments/midas.py --preset gpu --seeds 3    # ~100M parameters, for an accelerator
     python experiments/midas.py --alpha 2 --out runs/midas-a2
     python experiments/midas.py --ablation opt_policy=zero --methods midas --out runs/abl-zero
@@ -38,7 +38,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         prim=dict(n_eval=16, ft_steps=4, ft_runs=2, ft_batch=8),
         corpus=dict(max_mb=2.0),
     ),
-    # ~20 minutes on 2 CPU cores for the three methods, evaluations included.
+    # 28 minutes measured on 2 busy CPU cores for the three methods, evaluations included
+    # (training ~15 min, fine-tuning evaluations ~10 min).
     "default": dict(
         train=dict(
             d_model=64, n_heads=4, depth=6, stages=6, seq_len=128, global_batch=16,
