@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import equinox as eqx
@@ -44,8 +44,6 @@ def get_layers(tree: Any, where: Callable[[Any], Any], *, argname: str = "where"
             raise ValueError(
                 f"`{argname}` points at an empty sequence: there are no layers to grow."
             )
-        if all(isinstance(x, jax.Array | np.ndarray) for x in seq):
-            pass  # a list of arrays is a valid (if unusual) layer sequence
         return seq
     raise TypeError(
         f"`{argname}` must point at a layer sequence (a list/tuple of modules or a stackops.Stack),"
@@ -293,7 +291,6 @@ def grow_sequence(seq: Any, plan: Plan, *, preserve: Any = None, argname: str = 
             new_rows=(0,),
         )
         built.append(jax.tree.map(lambda a: a[0] if eqx.is_array(a) else a, one))
-        del i
     out = [built[i] for i in order_out]
     return type(seq)(out) if isinstance(seq, tuple) else out
 
@@ -359,7 +356,3 @@ def plan_for(model: Any, op: AbstractGrowth | Plan, *, where: Callable[[Any], An
         ```
     """
     return make_plan(op, get_layers(model, where))
-
-
-def sequence_depth(seq: Sequence[Any] | Stack) -> int:
-    return len(seq)
