@@ -123,11 +123,13 @@ def _mix_rows(x: jax.Array, specs: Specs) -> jax.Array:
     out = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
     for r, (srcs, ws) in mixes:
-        mixed = None
-        for s, w in zip(srcs, ws):
-            term = jax.lax.slice_in_dim(x, s, s + 1, axis=0).astype(acc_dtype)
-            term = term * jnp.asarray(w, acc_dtype)
-            mixed = term if mixed is None else mixed + term
+        terms = [
+            jax.lax.slice_in_dim(x, s, s + 1, axis=0).astype(acc_dtype) * jnp.asarray(w, acc_dtype)
+            for s, w in zip(srcs, ws)
+        ]
+        mixed = terms[0]
+        for term in terms[1:]:
+            mixed = mixed + term
         out = jax.lax.dynamic_update_slice_in_dim(out, mixed.astype(x.dtype), r, axis=0)
     return out
 

@@ -341,7 +341,10 @@ class layer_map(AbstractGrowth):
         name: str | None = None,
     ):
         if not callable(sources):
-            sources = tuple(s if isinstance(s, int) else tuple(map(tuple, s)) for s in sources)
+            sources = tuple(
+                s if isinstance(s, int) else tuple((int(i), float(w)) for i, w in s)
+                for s in sources
+            )
         self.sources = sources
         self.tie = bool(tie)
         self.name = name

@@ -223,7 +223,7 @@ def _grow_params_like(
             ini_seq = get_layers(fresh_sub(), where) if policy == "init" else None  # type: ignore[misc]
             new_seq = type(new_seq)(
                 (
-                    (jax.tree.map(jnp.zeros_like, layer) if policy == "zero" else ini_seq[q])
+                    (jax.tree.map(jnp.zeros_like, layer) if ini_seq is None else ini_seq[q])
                     if q in new_pos
                     else layer
                 )

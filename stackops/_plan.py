@@ -200,7 +200,6 @@ class Plan:
         # Each intermediate position runs stored layer self.order[j] of `self`.
         new_layers: list[LayerSpec] = []
         index: dict[object, int] = {}
-        order = []
 
         def intern(key: object, spec: LayerSpec) -> int:
             if key not in index:

@@ -143,7 +143,7 @@ class Stack(eqx.Module, Generic[M]):
 
     def __call__(self, x, *args, unroll: int | bool = 1, **kwargs):
         """Run `x = layer(x, *args, **kwargs)` for every position in order."""
-        return self.scan(lambda h, layer: layer(h, *args, **kwargs), x, unroll=unroll)
+        return self.scan(lambda h, layer: layer(h, *args, **kwargs), x, unroll=unroll)  # type: ignore[operator]
 
     def layer(self, index: int) -> M:
         """The layer run at position `index` (without the layer axis)."""
@@ -156,7 +156,7 @@ class Stack(eqx.Module, Generic[M]):
 def _describe_mismatch(a: Any, b: Any) -> str:
     la, ta = jax.tree_util.tree_flatten_with_path(a)
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
-    if ta != tb:
+    if ta != tb:  # type: ignore[operator]
         return f"tree structures differ:\n  {ta}\n  vs\n  {tb}"
     for (p, x), (_, y) in zip(la, lb):
         sx = getattr(x, "shape", None), getattr(x, "dtype", None)
