@@ -1,0 +1,87 @@
+"""The main job end to end (smoke preset), and the evaluation helpers it is built from."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import stackops as so
+from stackops.models import DecoderLM, LMConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return DecoderLM(LMConfig(d_model=16, n_heads=2, n_layers=2, max_len=64), key=jax.random.key(0))
+
+
+def test_layer_similarity_sees_midas_copies_as_identical(tiny_model):
+    from harness.reasoning import layer_similarity
+
+    grown = so.grow(tiny_model, so.middle_stack(block=1), where=lambda m: m.blocks)
+    sim = layer_similarity(grown.blocks)
+    assert sim.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(sim), 1.0, rtol=1e-6)
+    assert abs(sim[0, 1] - 1.0) < 1e-6  # the copy of block 1 sits next to it
+    assert sim[0, 2] < 0.5  # independent random blocks are far apart
+    unstacked = layer_similarity(so.unstack(grown.blocks))
+    np.testing.assert_allclose(unstacked, sim, rtol=1e-5, atol=1e-6)
+
+
+def test_few_shot_and_finetune_evaluations_return_accuracies(tiny_model):
+    from harness.reasoning import PrimitiveEvalConfig, few_shot_accuracy, finetune_accuracy
+
+    cfg = PrimitiveEvalConfig(
+        tasks=("math", "varassign_d0"), n_eval=6, max_len=64, ft_steps=2, ft_runs=2, ft_batch=4
+    )
+    few = few_shot_accuracy(tiny_model, cfg)
+    assert set(few) == {"math", "varassign_d0"} and all(0.0 <= a <= 1.0 for a in few.values())
+    ft = finetune_accuracy(tiny_model, cfg)
+    assert len(ft["math"]["runs"]) == 2
+    assert ft["math"]["mean"] == pytest.approx(np.mean(ft["math"]["runs"]))
+
+
+def test_informed_guess_is_above_uniform_chance_where_candidates_are_visible():
+    from harness.primitives import chance_accuracy
+    from harness.reasoning import informed_guess_accuracy
+
+    for task in ("varassign_d0", "varassign_d2", "induction"):
+        assert informed_guess_accuracy(task, n_eval=50) > chance_accuracy(task)
+
+
+def test_mixed_corpus_has_the_requested_synthetic_share_and_real_validation(tmp_path):
+    from harness import data
+    from harness.corpus import build_mixed_corpus
+
+    meta = build_mixed_corpus(tmp_path, max_mb=0.3, synthetic_fraction=0.4)
+    assert 0.35 < meta["synthetic_fraction_actual"] < 0.45
+    val = data.decode(data.load_tokens(tmp_path / "val.bin")[:5000])
+    assert "=?" not in val  # validation is real text only
+    again = build_mixed_corpus(tmp_path, max_mb=0.3, synthetic_fraction=0.4)
+    assert again == meta  # reused, not rebuilt
+
+
+def test_midas_smoke_run_writes_report_plots_and_results(tmp_path):
+    import midas
+
+    summary = midas.main(
+        ["--preset", "smoke", "--no-finetune", "--no-progress", "--out", str(tmp_path)]
+    )
+    assert set(summary["methods"]) == {"baseline", "gradstack", "midas"}
+    for name in (
+        "report.md",
+        "results.json",
+        "config.json",
+        "loss_vs_flops_and_time.png",
+        "primitives_vs_loss.png",
+        "layer_similarity.png",
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["methods"]["baseline"]["flops_speedup"] == pytest.approx(1.0)
+    # Growth methods train fewer FLOPs than the baseline, by what the schedule predicts.
+    assert res["methods"]["midas"]["flops_speedup"] > 1.1
+    report = (tmp_path / "report.md").read_text()
+    assert "| midas |" in report and "ideal" in report.lower()
