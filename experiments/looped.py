@@ -29,20 +29,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.corpus import MIX, corpus_dir  # noqa: E402
+
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         train=dict(d_model=32, n_heads=2, seq_len=64, global_batch=8, total_steps=40,
                    warmup_steps=4, eval_every=20, eval_batches=2, ckpt_every=0, log_every=10,
                    keep_checkpoints=1),
         prim=dict(n_eval=16, ft_steps=4, ft_runs=2, ft_batch=8),
-        corpus=dict(max_mb=2.0),
+        corpus=dict(MIX, max_mb=2.0),
     ),
     "default": dict(
         train=dict(d_model=64, n_heads=4, seq_len=128, global_batch=16, total_steps=1000,
                    warmup_steps=50, eval_every=250, eval_batches=8, ckpt_every=0,
                    log_every=25, keep_checkpoints=1),
         prim=dict(n_eval=100, ft_steps=40, ft_runs=3, ft_batch=16),
-        corpus=dict(max_mb=20.0),
+        corpus=dict(MIX, max_mb=20.0),
     ),
 }
 
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--k", type=int, default=2, help="distinct layers in the loop")
     p.add_argument("--loops", type=int, default=3, help="times the k layers run (L)")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--synthetic-fraction", type=float, default=0.5)
+    p.add_argument("--synthetic-fraction", type=float, default=None,
+                   help="share of synthetic documents in the pretraining tokens (default: preset)")
     p.add_argument("--no-finetune", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -77,8 +80,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = PRESETS[args.preset]
     out = args.out or Path("runs") / f"looped-{args.preset}"
     out.mkdir(parents=True, exist_ok=True)
-    corpus = dict(preset["corpus"], synthetic_fraction=args.synthetic_fraction)
-    data_dir = REPO_ROOT / "data" / f"mixed-{corpus['max_mb']:g}mb-syn{args.synthetic_fraction:g}"
+    corpus = dict(preset["corpus"])
+    if args.synthetic_fraction is not None:
+        corpus["synthetic_fraction"] = args.synthetic_fraction
+    data_dir = corpus_dir(REPO_ROOT / "data", corpus)
     build_mixed_corpus(data_dir, **corpus)
     k, L = args.k, args.loops
     common = dict(preset["train"], data_dir=str(data_dir), progress=not args.no_progress)

@@ -27,6 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.corpus import MIX, corpus_dir  # noqa: E402
+
 PRESETS: dict[str, dict[str, Any]] = {
     # About a minute: a tiny model, 3 stages; numbers mean nothing, the pipeline is exercised.
     "smoke": dict(
@@ -36,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             ckpt_every=0, log_every=10, keep_checkpoints=1,
         ),
         prim=dict(n_eval=16, ft_steps=4, ft_runs=2, ft_batch=8),
-        corpus=dict(max_mb=2.0),
+        corpus=dict(MIX, max_mb=2.0),
     ),
     # 28 minutes measured on 2 busy CPU cores for the three methods, evaluations included
     # (training ~15 min, fine-tuning evaluations ~10 min).
@@ -47,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             ckpt_every=0, log_every=25, keep_checkpoints=1,
         ),
         prim=dict(n_eval=100, ft_steps=40, ft_runs=3, ft_batch=16),
-        corpus=dict(max_mb=20.0),
+        corpus=dict(MIX, max_mb=20.0),
     ),
     # An accelerator: ~120M parameters at the final depth (24 layers of width 640), bf16.
     "gpu": dict(
@@ -57,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             eval_batch=32, ckpt_every=2000, log_every=50, compute_dtype="bfloat16",
         ),
         prim=dict(n_eval=500, ft_steps=100, ft_runs=3, ft_batch=32),
-        corpus=dict(max_mb=20.0),
+        corpus=dict(MIX, max_mb=20.0),
     ),
 }
 
@@ -84,11 +86,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig override for every method")
-    p.add_argument("--synthetic-fraction", type=float, default=0.5,
-                   help="share of primitive examples in the pretraining tokens")
+    p.add_argument("--synthetic-fraction", type=float, default=None,
+                   help="share of synthetic documents in the pretraining tokens (default: preset)")
+    p.add_argument("--task-weights", default=None, metavar="TASK=W,...",
+                   help="relative shares of the primitive tasks in the synthetic tokens "
+                   "(default: preset; missing tasks get 0)")
+    p.add_argument("--copy-share", type=float, default=0.0,
+                   help="share of the synthetic tokens that are copy documents (harness/corpus.py)")
     p.add_argument("--no-finetune", action="store_true", help="skip the 64-example fine-tuning eval")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+    """`"math=0.6,induction=0.1"` -> `{"math": 0.6, "induction": 0.1}`."""
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SystemExit(f"--task-weights: expected TASK=WEIGHT items, got {item!r}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -111,9 +132,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--methods is empty")
 
     # Data: stdlib text + synthetic primitives, built once and cached.
-    corpus_settings = dict(preset["corpus"], synthetic_fraction=args.synthetic_fraction)
-    tag = f"mixed-{corpus_settings['max_mb']:g}mb-syn{args.synthetic_fraction:g}"
-    data_dir = REPO_ROOT / "data" / tag
+    corpus_settings = dict(preset["corpus"], copy_share=args.copy_share)
+    if args.synthetic_fraction is not None:
+        corpus_settings["synthetic_fraction"] = args.synthetic_fraction
+    if args.task_weights is not None:
+        corpus_settings["task_weights"] = parse_task_weights(args.task_weights)
+    data_dir = corpus_dir(REPO_ROOT / "data", corpus_settings)
     t0 = time.time()
     corpus_meta = build_mixed_corpus(data_dir, **corpus_settings)
     print(f"corpus {data_dir}: {corpus_meta['train_tokens']:,} train / "
@@ -263,6 +287,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "finetune_mean": ft, "finetune_std": ft_std, "finetune_avg": ft_avg,
         }
     table = Rep.markdown_table(header, rows)
+    # Two floors, in the same columns: uniform chance, and an informed guess that knows the
+    # answer format but not the computation (a model must beat the second to compute).
+    chance = {t: R.P.chance_accuracy(t) for t in tasks}
+    informed = {t: R.informed_guess_accuracy(t, prim_cfg.n_eval, prim_cfg.eval_seed) for t in tasks}
+    for name, floor in (("*uniform chance*", chance), ("*informed guess*", informed)):
+        cells = [f"{floor[t]:.3f}" for t in tasks]
+        avg_cell = f"{np.mean(list(floor.values())):.3f}"
+        prim_rows.append([name, *cells, avg_cell, *cells, avg_cell])
+    summary["floors"] = {"uniform_chance": chance, "informed_guess": informed}
     prim_table = Rep.markdown_table(prim_header, prim_rows)
 
     plots = {}
@@ -273,7 +306,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sims = {label(m): np.asarray(results[m][0]["layer_similarity"]) for m in methods}
     plots["sim"] = Rep.plot_similarity(sims, out / "layer_similarity.png")
 
-    chance = {t: R.P.chance_accuracy(t) for t in tasks}
     md = [
         f"# MIDAS at small scale: {args.preset} preset",
         "",
@@ -281,7 +313,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{cfg0.total_steps} steps of {cfg0.global_batch} sequences; growth methods train "
         f"{cfg0.stages} stages (Prop-{cfg0.alpha:g}: {list(so.prop_schedule(cfg0.total_steps, cfg0.stages, cfg0.alpha))}). "
         f"Seeds: {args.seeds}. Corpus: Python stdlib sources with "
-        f"{corpus_meta['synthetic_fraction_actual']:.0%} synthetic primitive examples.",
+        f"{corpus_meta['synthetic_fraction_actual']:.0%} of the tokens synthetic primitive "
+        "examples (shares by task: " + ", ".join(
+            f"{t} {w:.0%}" for t, w in corpus_meta["settings"]["task_weights"].items())
+        + ").",
         "",
         "## Loss, compute and time",
         "",
@@ -300,8 +335,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "validation loss is at or below the baseline's final one.",
         "- Primitives: exact match on held-out examples; 5-shot in context (prompts cut from "
         f"the left to the context of {cfg0.seq_len} bytes), and after fine-tuning on 64 "
-        f"examples ({prim_cfg.ft_steps} steps, {prim_cfg.ft_runs} runs). Uniform-guess chance: "
-        + ", ".join(f"{t} {c:.3f}" for t, c in chance.items()) + ".",
+        f"examples ({prim_cfg.ft_steps} steps, {prim_cfg.ft_runs} runs). *Informed guess*: the "
+        "expected score of a guesser that knows the answer format but not the computation "
+        "(a digit or item seen in the prompt; for math the most frequent result).",
         "",
         "![loss](loss_vs_flops_and_time.png)",
         "",

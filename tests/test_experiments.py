@@ -63,6 +63,53 @@ def test_mixed_corpus_has_the_requested_synthetic_share_and_real_validation(tmp_
     assert again == meta  # reused, not rebuilt
 
 
+def test_mixed_corpus_follows_task_weights_and_copy_share(tmp_path):
+    from harness import data
+    from harness.corpus import build_mixed_corpus
+
+    weights = {"math": 3.0, "varassign_d1": 1.0}
+    meta = build_mixed_corpus(
+        tmp_path, max_mb=0.2, synthetic_fraction=0.5, copy_share=0.25, task_weights=weights
+    )
+    tokens = meta["task_tokens"]
+    assert set(tokens) == set(weights) | {"induction", "varassign_d0", "varassign_d2"}
+    assert tokens["induction"] == tokens["varassign_d0"] == tokens["varassign_d2"] == 0
+    assert 2.5 < tokens["math"] / tokens["varassign_d1"] < 3.5
+    syn = meta["synthetic_tokens"]
+    assert 0.2 < meta["copy_tokens"] / syn < 0.3
+    text = data.decode(data.load_tokens(tmp_path / "train.bin"))
+    line = next(ln for ln in text.splitlines() if " | " in ln and "=" not in ln)
+    first, second = line.split(" | ")
+    assert first == second  # a copy document: the same items twice
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(task_weights={"algebra": 1.0}), "unknown tasks"),
+        (dict(task_weights={"math": -1.0}), "must be >= 0"),
+        (dict(task_weights={"math": 0.0}), "not all zero"),
+        (dict(copy_share=1.5), "copy_share"),
+        (dict(synthetic_fraction=0.95), "synthetic_fraction"),
+    ],
+)
+def test_mixed_corpus_rejects_bad_settings(tmp_path, kwargs, match):
+    from harness.corpus import build_mixed_corpus
+
+    with pytest.raises(ValueError, match=match):
+        build_mixed_corpus(tmp_path, max_mb=0.1, **kwargs)
+    assert not (tmp_path / "train.bin").exists()
+
+
+def test_corpus_dir_depends_on_every_setting():
+    from harness.corpus import MIX, corpus_dir
+
+    a = corpus_dir("data", dict(MIX, max_mb=20.0))
+    assert a == corpus_dir("data", dict(max_mb=20.0, **MIX))  # key order does not matter
+    assert a != corpus_dir("data", dict(MIX, max_mb=2.0))
+    assert a != corpus_dir("data", dict(MIX, max_mb=20.0, copy_share=0.1))
+
+
 def test_midas_smoke_run_writes_report_plots_and_results(tmp_path):
     import midas
 
