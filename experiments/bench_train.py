@@ -98,12 +98,18 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def flat_logits(model: Any, tokens: jax.Array, *, unroll: int) -> jax.Array:
+def flat_logits(
+    model: Any, tokens: jax.Array, *, unroll: int, attention_core: bool = True
+) -> jax.Array:
     """The reference model's forward pass with every matmul on `(batch*time, d)` rows.
 
     Same parameters, same operations as `DecoderLM.__call__` (fp32): only the residual
     stream is kept 2-D between blocks. XLA CPU runs a `(B, T, d) @ (d, f)` dot and its
     gradients about twice as slowly as the same dot on `(B*T, d)`.
+
+    `attention_core=False` is a diagnostic, not a model: it skips the scores, mask and
+    softmax (each position reads its own value vector), so the difference in step time is
+    what the attention core costs.
     """
     b, t = tokens.shape
     cfg = model.config
@@ -122,9 +128,12 @@ def flat_logits(model: Any, tokens: jax.Array, *, unroll: int) -> jax.Array:
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if attn.rope and rope is not None:
             q, k = _rope(q, *rope), _rope(k, *rope)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // n_heads)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        if attention_core:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // n_heads)
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        else:
+            out = v + 0.0 * (q + k)
         h = h + out.reshape(b * t, d) @ attn.wo
         return h + jax.nn.gelu(layer.norm2(h) @ mlp.w_in) @ mlp.w_out
 
@@ -135,7 +144,8 @@ def flat_logits(model: Any, tokens: jax.Array, *, unroll: int) -> jax.Array:
 def jax_step(cfg: TrainConfig, mesh: Any, variant: str) -> tuple[Any, Any, Any]:
     """A compiled train step of the final-depth model and its initial state.
 
-    `variant`: `"harness"` (exactly the trainer's step), or `"flat"` (`flat_logits`).
+    `variant`: `"harness"` (exactly the trainer's step), `"flat"` (`flat_logits`), or
+    `"no-attention-core"` (`flat_logits(..., attention_core=False)`, a diagnostic).
     """
     sched = growth_schedule(apply_overrides(cfg, ["method=baseline"]))
     optimizer, _ = make_optimizer(cfg)
@@ -148,8 +158,12 @@ def jax_step(cfg: TrainConfig, mesh: Any, variant: str) -> tuple[Any, Any, Any]:
         step = make_train_step(cfg, sk, optimizer, mesh)
     else:
 
+        core = variant != "no-attention-core"
+
         def loss_fn(p: Any, tokens: jax.Array) -> jax.Array:
-            logits = flat_logits(sk.model(p), tokens[:, :-1], unroll=cfg.unroll)
+            logits = flat_logits(
+                sk.model(p), tokens[:, :-1], unroll=cfg.unroll, attention_core=core
+            )
             return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
         def step_fn(p: Any, o: Any, tokens: jax.Array):
@@ -158,12 +172,14 @@ def jax_step(cfg: TrainConfig, mesh: Any, variant: str) -> tuple[Any, Any, Any]:
             return optax.apply_updates(p, updates), o, {"loss": loss}
 
         step = jax.jit(step_fn, donate_argnums=(0, 1))
-        # Same forward as the reference model (checked, not assumed).
-        ref = sk.model(params)
-        toks = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, cfg.seq_len)), jnp.int32)
-        np.testing.assert_allclose(
-            np.asarray(flat_logits(ref, toks, unroll=1)), np.asarray(ref(toks)), atol=2e-4
-        )
+        if core:  # same forward as the reference model (checked, not assumed)
+            ref = sk.model(params)
+            toks = jnp.asarray(
+                np.random.default_rng(0).integers(0, 256, (2, cfg.seq_len)), jnp.int32
+            )
+            np.testing.assert_allclose(
+                np.asarray(flat_logits(ref, toks, unroll=1)), np.asarray(ref(toks)), atol=2e-4
+            )
     compiled = step.lower(sk.params, sk.opt_state, tokens_spec).compile()
     return compiled, params, opt_state
 
@@ -177,12 +193,21 @@ def _torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def _torch_in_subprocess(cfg: TrainConfig, steps: int, threads: int) -> float:
+def _torch_in_subprocess(
+    cfg: TrainConfig, steps: int, threads: int, attention: str = "sdpa"
+) -> float:
     """Seconds per step of `torch_step` measured in a fresh process (after two warm-ups)."""
     import dataclasses
     import subprocess
 
-    payload = json.dumps({"config": dataclasses.asdict(cfg), "steps": steps, "threads": threads})
+    payload = json.dumps(
+        {
+            "config": dataclasses.asdict(cfg),
+            "steps": steps,
+            "threads": threads,
+            "attention": attention,
+        }
+    )
     proc = subprocess.run(
         [sys.executable, __file__, "--torch-worker", payload],
         capture_output=True,
@@ -196,7 +221,7 @@ def _torch_worker(payload: str) -> None:
     from harness.config import config_from_dict
 
     spec = json.loads(payload)
-    step = torch_step(config_from_dict(spec["config"]), spec["threads"])
+    step = torch_step(config_from_dict(spec["config"]), spec["threads"], spec["attention"])
     step()
     step()
     t0 = time.perf_counter()
@@ -205,8 +230,14 @@ def _torch_worker(payload: str) -> None:
     print((time.perf_counter() - t0) / spec["steps"])
 
 
-def torch_step(cfg: TrainConfig, threads: int) -> Any:
-    """A plain PyTorch (eager) train step of the same model and batch."""
+def torch_step(cfg: TrainConfig, threads: int, attention: str = "sdpa") -> Any:
+    """A plain PyTorch (eager) train step of the same model and batch.
+
+    `attention="sdpa"`: `F.scaled_dot_product_attention` (a fused kernel on CPU);
+    `"naive"`: the same math written out (scores, mask, softmax, weighted sum), as XLA runs it.
+    """
+    if attention not in ("sdpa", "naive"):
+        raise ValueError(f"`attention` must be 'sdpa' or 'naive', got {attention!r}.")
     import torch
     import torch.nn.functional as F
 
@@ -228,6 +259,8 @@ def torch_step(cfg: TrainConfig, threads: int) -> Any:
     ang = torch.arange(t).float()[:, None] * inv[None]
     cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
 
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
     def rope(x):
         x1, x2 = x.chunk(2, -1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
@@ -246,9 +279,13 @@ def torch_step(cfg: TrainConfig, threads: int) -> Any:
             b = x.shape[0]
             q, k, v = (self.norm1(x) @ self.wqkv).view(b, t, 3, n_heads, hd).unbind(2)
             q, k = rope(q), rope(k)
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-            )
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if attention == "sdpa":
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+                s = s.masked_fill(~causal, float("-inf"))
+                o = torch.softmax(s, dim=-1) @ v
             x = x + o.transpose(1, 2).reshape(b, t, d) @ self.wo
             return x + F.gelu(self.norm2(x) @ self.w_in, approximate="tanh") @ self.w_out
 
@@ -307,6 +344,7 @@ def bench_steps(cfg: TrainConfig, *, repeats: int, steps: int, threads: int) -> 
         ("jax: harness step, unrolled (unroll=0)", "harness", 0),
         ("jax: flat matmuls, scan", "flat", 1),
         ("jax: flat matmuls, unrolled", "flat", 0),
+        ("diagnostic: jax flat unrolled, attention core removed", "no-attention-core", 0),
     ]
     for name, variant, unroll in specs:
         c = apply_overrides(cfg, [f"unroll={unroll}"])
@@ -319,6 +357,7 @@ def bench_steps(cfg: TrainConfig, *, repeats: int, steps: int, threads: int) -> 
 
         variants[name] = run
     torch_name = "torch: eager, SDPA attention"
+    torch_naive = "torch: eager, attention written out (as XLA runs it)"
     has_torch = _torch_available()
     if not has_torch:
         print(
@@ -331,6 +370,7 @@ def bench_steps(cfg: TrainConfig, *, repeats: int, steps: int, threads: int) -> 
     times: dict[str, list[float]] = {k: [] for k in variants}
     if has_torch:
         times[torch_name] = []
+        times[torch_naive] = []
     for _ in range(repeats):
         for name, fn in variants.items():
             t0 = time.perf_counter()
@@ -341,6 +381,7 @@ def bench_steps(cfg: TrainConfig, *, repeats: int, steps: int, threads: int) -> 
             # PyTorch runs in its own process: its OpenMP threads and XLA's thread pool
             # slow each other down badly when they share one process and two cores.
             times[torch_name].append(_torch_in_subprocess(cfg, steps, threads))
+            times[torch_naive].append(_torch_in_subprocess(cfg, steps, threads, "naive"))
     flops = step_flops(cfg, cfg.depth)
     ref = min(times[next(iter(variants))])
     torch_t = min(times[torch_name]) if has_torch else None
@@ -366,7 +407,22 @@ def bench_steps(cfg: TrainConfig, *, repeats: int, steps: int, threads: int) -> 
         f"B={cfg.global_batch}, fp32, {jax.device_count()} device(s), best of {repeats} "
         f"rounds of {steps} steps"
     )
-    print(table(title, header, rows), "\n", flush=True)
+    print(table(title, header, rows), flush=True)
+    best = {k: min(v) for k, v in times.items()}
+    full, bare = best["jax: flat matmuls, unrolled"], best[specs[-1][0]]
+    print(
+        f"Attention core (scores, mask, softmax, weighted sum, and their gradients) in the "
+        f"JAX step: {(full - bare) * 1e3:.0f} of {full * 1e3:.0f} ms ({(full - bare) / full:.0%})."
+    )
+    if has_torch:
+        print(
+            f"PyTorch's fused SDPA kernel against the same math written out: "
+            f"{best[torch_naive] / best[torch_name]:.2f}x faster; the harness step against "
+            f"PyTorch with attention written out: "
+            f"{best[torch_naive] / best[specs[1][0]]:.2f}x."
+        )
+    out["attention_core_ms"] = (full - bare) * 1e3
+    print(flush=True)
     return out
 
 

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---------------------------------------------------------------- the report
     curves: dict[str, list[dict[str, np.ndarray]]] = {}
     finals: dict[str, list[dict[str, Any]]] = {}
-    acc_points: dict[str, list[tuple[float, float]]] = {}
+    task_points: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for method in methods:
         for seed in range(args.seeds):
             recs = read_metrics(out / f"{label(method)}-seed{seed}" / "metrics.jsonl")
@@ -222,9 +222,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             last = evals[-1]
             end = [r for r in recs if r.get("kind") == "end"]
             finals.setdefault(method, []).append({"eval": last, "end": end[-1] if end else last})
-            acc_points.setdefault(method, []).extend(
-                (r["val_loss"], r["fewshot/avg"]) for r in evals if "fewshot/avg" in r
-            )
+            for key in [*(f"fewshot/{t}" for t in prim_cfg.tasks), "fewshot/avg"]:
+                task_points.setdefault(key.split("/")[1], {}).setdefault(method, []).extend(
+                    (r["val_loss"], r[key]) for r in evals if key in r
+                )
 
     cfg0 = make_config(methods[0], 0)
     ideal = so.ideal_speedup(cfg0.stages, cfg0.alpha)
@@ -301,8 +302,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plots = {}
     plots["loss"] = Rep.plot_loss_curves(curves, out / "loss_vs_flops_and_time.png",
                                          title=f"{args.preset}: validation loss")
-    plots["acc"] = Rep.plot_accuracy_vs_loss(acc_points, out / "primitives_vs_loss.png",
-                                             ylabel="5-shot primitive accuracy (avg of tasks)")
+    plots["acc"] = Rep.plot_accuracy_panels(
+        task_points, out / "primitives_vs_loss.png",
+        floors={**informed, "avg": float(np.mean(list(informed.values())))},
+        title="5-shot accuracy against validation loss over checkpoints (seeds pooled)",
+    )
     sims = {label(m): np.asarray(results[m][0]["layer_similarity"]) for m in methods}
     plots["sim"] = Rep.plot_similarity(sims, out / "layer_similarity.png")
 

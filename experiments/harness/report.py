@@ -131,6 +131,49 @@ def plot_accuracy_vs_loss(
     return path
 
 
+def plot_accuracy_panels(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    path: str | Path,
+    *,
+    floors: Mapping[str, float] | None = None,
+    title: str = "",
+) -> Path:
+    """Accuracy against validation loss, one panel per task, one series per method.
+
+    `panels[task][method]` is a list of `(val_loss, accuracy)` pairs (seeds pooled);
+    `floors[task]`, if given, is drawn as a dashed line (e.g. the informed-guess floor).
+    """
+    plt = _plt()
+    n = len(panels)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    for ax, (task, points) in zip(axes.flat, panels.items()):
+        for method, pts in points.items():
+            if not pts:
+                continue
+            arr = np.array(sorted(pts))
+            ax.plot(arr[:, 0], arr[:, 1], marker="o", ms=3, lw=0.8, alpha=0.8, label=method,
+                    color=COLORS.get(method))
+        if floors and task in floors:
+            ax.axhline(floors[task], ls="--", lw=1, color="gray", label="informed guess")
+        ax.invert_xaxis()
+        ax.set_title(task)
+        ax.set_xlabel("validation loss (lower →)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_similarity(mats: Mapping[str, np.ndarray], path: str | Path) -> Path:
     """Heatmaps of layer-pair cosine similarity, one panel per method."""
     plt = _plt()
