@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             finals.setdefault(method, []).append({"eval": last, "end": end[-1] if end else last})
             for key in [*(f"fewshot/{t}" for t in prim_cfg.tasks), "fewshot/avg"]:
                 task_points.setdefault(key.split("/")[1], {}).setdefault(method, []).extend(
-                    (r["val_loss"], r[key]) for r in evals if key in r
+                    (r["val_loss"], r[key]) for r in evals if key in r and r["step"] > 0
                 )
 
     cfg0 = make_config(methods[0], 0)
@@ -237,7 +237,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_m = "baseline" if "baseline" in methods else None
     base_flops = avg(base_m, lambda f: f["eval"]["flops"]) if base_m else None
     base_secs = avg(base_m, lambda f: Rep.train_seconds(f["eval"])) if base_m else None
-    base_loss = avg(base_m, lambda f: f["eval"]["val_loss"]) if base_m else None
 
     def flops_to_reach(curve: dict[str, np.ndarray], target: float) -> float:
         hit = np.nonzero(curve["val_loss"] <= target)[0]
@@ -258,8 +257,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compile_s = avg(method, lambda f: f["eval"].get("time_compile", 0.0))
         fs = base_flops / flops if base_flops else float("nan")
         ws = base_secs / secs if base_secs else float("nan")
-        reach = (float(np.mean([flops_to_reach(c, base_loss) for c in curves[method]]))
-                 if base_loss is not None else float("nan"))
+        # Paired by seed: FLOPs at which seed s of the method first reaches the final loss
+        # of seed s of the baseline; averaged over the seeds that reach it.
+        hits = [flops_to_reach(c, b["eval"]["val_loss"])
+                for c, b in zip(curves[method], by[base_m])] if base_m else []
+        reached = [h for h in hits if h == h]
+        reach = float(np.mean(reached)) if reached else float("nan")
         few = {t: [f["eval"].get(f"fewshot/{t}") for f in by[method]] for t in tasks}
         few_avg = [f["eval"].get("fewshot/avg") for f in by[method]]
         fts = [r["finetune"] for r in results[method] if "finetune" in r]
@@ -269,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append([label(method), Rep.mean_std(loss), f"{flops:.3g}", f"{secs:.0f}",
                      f"{compile_s:.0f}", f"{fs:.3f}", f"{ws:.3f}",
                      "1.000" if method == "baseline" else f"{ideal:.3f}",
-                     f"{reach:.3g}" if reach == reach else "not reached"])
+                     (f"{reach:.3g}" + (f" ({len(reached)}/{len(hits)} seeds)"
+                                        if len(reached) < len(hits) else ""))
+                     if reached else "not reached"])
 
         def ft_cell(t: str) -> str:
             if not ft[t]:
@@ -336,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "left out separately, as runs in one process share compiled steps). *Ideal*: "
         "`k·Σi^α/Σi^(α+1)`, the paper's figure when a step's cost is proportional to depth.",
         "- *FLOPs to baseline loss*: FLOPs at the first evaluation where the method's "
-        "validation loss is at or below the baseline's final one.",
+        "validation loss is at or below the final loss of the baseline with the same seed "
+        "(mean over seeds). Wall times are means over seeds and noisy on a shared machine.",
         "- Primitives: exact match on held-out examples; 5-shot in context (prompts cut from "
         f"the left to the context of {cfg0.seq_len} bytes), and after fine-tuning on 64 "
         f"examples ({prim_cfg.ft_steps} steps, {prim_cfg.ft_runs} runs). *Informed guess*: the "

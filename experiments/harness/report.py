@@ -92,6 +92,12 @@ def plot_loss_curves(
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (nats/byte)")
         ax.grid(alpha=0.3)
+        # Zoom on the part where the methods differ: the untrained first evaluation is far
+        # above the rest (the y-axis starts one nat above the lowest loss).
+        finals = [r["val_loss"][-1] for runs in curves.values() for r in runs if len(r["val_loss"])]
+        lows = [np.nanmin(r["val_loss"]) for runs in curves.values() for r in runs if len(r["val_loss"])]
+        if finals:
+            ax.set_ylim(min(lows) - 0.05, max(finals) + 1.0)
     axes[0].legend()
     if title:
         fig.suptitle(title)
@@ -152,9 +158,9 @@ def plot_accuracy_panels(
         for method, pts in points.items():
             if not pts:
                 continue
-            arr = np.array(sorted(pts))
-            ax.plot(arr[:, 0], arr[:, 1], marker="o", ms=3, lw=0.8, alpha=0.8, label=method,
-                    color=COLORS.get(method))
+            arr = np.array(pts)
+            ax.scatter(arr[:, 0], arr[:, 1], s=12, alpha=0.7, label=method,
+                       color=COLORS.get(method))
         if floors and task in floors:
             ax.axhline(floors[task], ls="--", lw=1, color="gray", label="informed guess")
         ax.invert_xaxis()
