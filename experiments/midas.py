@@ -1,7 +1,7 @@
 """Baseline vs GradStack vs MIDAS at small scale: loss, compute, wall time, reasoning primitives.
 
     python experiments/midas.py --preset smoke            # about a minute
-    python experiments/midas.py                           # default preset, ~25-30 min on 2 CPU cores
+    python experiments/midas.py                           # default preset, ~14 min on 2 CPU cores
     python experiments/midas.py --preset gpu --seeds 3    # ~100M parameters, for an accelerator
     python experiments/midas.py --alpha 2 --out runs/midas-a2
     python experiments/midas.py --ablation opt_policy=zero --methods midas --out runs/abl-zero
@@ -9,7 +9,7 @@
 Every method trains the same final architecture on the same data, seed and step budget;
 growth methods use `--stages` stages (6 by default, as in the paper) with the Prop-α
 schedule. The pretraining text is the Python standard library's sources with a share of
-synthetic primitive examples mixed in (`harness/corpus.py` says why). Each method's run
+synthetic primitive examples mixed in (`harness.corpus.MIX` says why). Each method's run
 directory holds its metrics, checkpoints and evaluations; the output folder gets
 `report.md`, `results.json`, `config.json` and PNG plots, and the table is printed at the
 end. Finished runs are reused, so an interrupted comparison resumes where it stopped.
@@ -40,8 +40,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         prim=dict(n_eval=16, ft_steps=4, ft_runs=2, ft_batch=8),
         corpus=dict(MIX, max_mb=2.0),
     ),
-    # 28 minutes measured on 2 busy CPU cores for the three methods, evaluations included
-    # (training ~15 min, fine-tuning evaluations ~10 min).
+    # About 13.5 minutes per seed measured on 2 quiet CPU cores for the three methods
+    # (training ~9 min, fine-tuning evaluations ~4.5 min).
     "default": dict(
         train=dict(
             d_model=64, n_heads=4, depth=6, stages=6, seq_len=128, global_batch=16,

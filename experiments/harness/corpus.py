@@ -3,9 +3,10 @@
 Real text is the Python standard library's sources (every machine has them offline; its
 assignments and arithmetic resemble the primitives). A tiny model trained briefly on code
 alone stays at chance on the primitives, and then no comparison between methods means
-anything, so a fraction of the training tokens (`synthetic_fraction`; `midas.py` uses 50%) are
+anything, so a fraction of the training tokens (`synthetic_fraction`; `MIX` has 60%) are
 documents of primitive examples in the few-shot line format `"{prompt}{answer}\\n"`, drawn
-from the `"pool"` streams with seeds that never produce an evaluation prompt. The
+from the `"pool"` streams with seeds that never produce an evaluation prompt, in the shares
+of `task_weights`; optionally some are copy documents (`copy_share`). The
 validation split is real text only, so validation loss measures language modelling.
 """
 
