@@ -132,3 +132,17 @@ def test_midas_smoke_run_writes_report_plots_and_results(tmp_path):
     assert res["methods"]["midas"]["flops_speedup"] > 1.1
     report = (tmp_path / "report.md").read_text()
     assert "| midas |" in report and "ideal" in report.lower()
+
+
+def test_bench_train_step_section_runs_on_a_tiny_model(capsys):
+    import bench_train
+
+    out = bench_train.main(
+        ["--preset", "smoke", "--quick", "--skip", "compile,stages,run", "--threads", "1"]
+    )
+    steps = out["steps"]
+    assert "jax: harness step, unrolled (unroll=0)" in steps
+    assert all(v["ms"] > 0 for k, v in steps.items() if isinstance(v, dict))
+    assert np.isfinite(steps["attention_core_ms"])
+    printed = capsys.readouterr().out
+    assert "Attention core" in printed and "Train-step throughput" in printed
