@@ -102,13 +102,11 @@ def parse_task_weights(text: str) -> dict[str, float]:
     """`"math=0.6,induction=0.1"` -> `{"math": 0.6, "induction": 0.1}`."""
     out = {}
     for item in text.split(","):
-        key, sep, value = item.partition("=")
+        key, _, value = item.partition("=")
         try:
             out[key.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise SystemExit(f"--task-weights: expected TASK=WEIGHT items, got {item!r}")
+            raise SystemExit(f"--task-weights: expected TASK=WEIGHT items, got {item!r}") from None
     return out
 
 

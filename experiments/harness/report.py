@@ -17,7 +17,7 @@ __all__ = [
     "eval_curve",
     "train_seconds",
     "plot_loss_curves",
-    "plot_accuracy_vs_loss",
+    "plot_accuracy_panels",
     "plot_similarity",
     "markdown_table",
     "mean_std",
@@ -66,6 +66,17 @@ def eval_curve(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     }
 
 
+def _finish(fig: Any, path: str | Path, *, title: str = "", dpi: int = 110) -> Path:
+    """Title, layout, save as PNG, close: the end of every plot here."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
 def plot_loss_curves(
     curves: Mapping[str, Sequence[dict[str, np.ndarray]]], path: str | Path, *, title: str = ""
 ) -> Path:
@@ -76,6 +87,14 @@ def plot_loss_curves(
     """
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # Zoom on the part where the methods differ: the untrained first evaluation is far
+    # above the rest (the y-axis ends one nat above the highest final loss).
+    runs_with_evals = [r for runs in curves.values() for r in runs if len(r["val_loss"])]
+    ylim = (
+        (min(np.nanmin(r["val_loss"]) for r in runs_with_evals) - 0.05,
+         max(r["val_loss"][-1] for r in runs_with_evals) + 1.0)
+        if runs_with_evals else None
+    )
     for ax, x_key, label in ((axes[0], "flops", "training FLOPs"), (axes[1], "seconds", "training wall time (s)")):
         for method, runs in curves.items():
             if not runs:
@@ -92,49 +111,10 @@ def plot_loss_curves(
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss (nats/byte)")
         ax.grid(alpha=0.3)
-        # Zoom on the part where the methods differ: the untrained first evaluation is far
-        # above the rest (the y-axis starts one nat above the lowest loss).
-        finals = [r["val_loss"][-1] for runs in curves.values() for r in runs if len(r["val_loss"])]
-        lows = [np.nanmin(r["val_loss"]) for runs in curves.values() for r in runs if len(r["val_loss"])]
-        if finals:
-            ax.set_ylim(min(lows) - 0.05, max(finals) + 1.0)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
     axes[0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_accuracy_vs_loss(
-    points: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *, ylabel: str, title: str = ""
-) -> Path:
-    """Primitive accuracy against validation loss over checkpoints, one series per method.
-
-    `points[method]` is a list of `(val_loss, accuracy)` pairs (all seeds pooled). The
-    paper's claim is that at the same validation loss MIDAS scores higher.
-    """
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for method, pts in points.items():
-        if not pts:
-            continue
-        arr = np.array(sorted(pts))
-        ax.plot(arr[:, 0], arr[:, 1], marker="o", ms=3, lw=1, label=method, color=COLORS.get(method))
-    ax.invert_xaxis()
-    ax.set_xlabel("validation loss (lower is better →)")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, title=title)
 
 
 def plot_accuracy_panels(
@@ -171,13 +151,7 @@ def plot_accuracy_panels(
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, title=title, dpi=100)
 
 
 def plot_similarity(mats: Mapping[str, np.ndarray], path: str | Path) -> Path:
