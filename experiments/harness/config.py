@@ -33,6 +33,7 @@ __all__ = [
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPT_POLICIES = ("copy", "zero", "init")
+ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel")  # harness.attention.ATTENTION_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,10 @@ class TrainConfig:
       of blocks), `seq_len` (context), `vocab_size`, `norm` (`"rms"`/`"layer"`), `pos`
       (`"rope"`/`"learned"`), `unroll` (how the blocks' `lax.scan` is unrolled: 0 unrolls
       every block, the fastest on CPU (see docs/training.md); 1 compiles one block, so
-      compile time stays flat as depth grows; `n` unrolls `n` blocks per iteration).
+      compile time stays flat as depth grows; `n` unrolls `n` blocks per iteration),
+      `attention` (the attention core: `"auto"` uses the fused CPU kernel of
+      `harness.attention` where it applies (CPU, float32, head dimension a multiple of 16)
+      and XLA's `jax.numpy` core elsewhere; `"xla"` or `"cpu-kernel"` force one).
     - Growth: `method` (a name from `harness.methods.method_names()`, `"a+b"` to compose
       two operators per stage, or `"custom"` with an operator passed to `train`), `stages`,
       `alpha`, `preserve` (grow function-preservingly: new blocks start as identities),
@@ -97,6 +101,7 @@ class TrainConfig:
     norm: str = "rms"
     pos: str = "rope"
     unroll: int = 0
+    attention: str = "auto"
     # Growth.
     method: str = "midas"
     stages: int = 4
@@ -167,6 +172,7 @@ class TrainConfig:
         _choice("norm", self.norm, ("rms", "layer"))
         _choice("pos", self.pos, ("rope", "learned"))
         _choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _choice("attention", self.attention, ATTENTION_CHOICES)
         _choice("opt_policy", self.opt_policy, OPT_POLICIES)
         if self.depth % self.stages:
             divisors = [k for k in range(1, self.depth + 1) if self.depth % k == 0]
@@ -219,11 +225,12 @@ class TrainConfig:
 
 
 # Fields that may change when a run resumes: they change how it is observed, saved or
-# executed (scan unrolling, sharding), never the function it computes. Everything else must
-# match the checkpoint's manifest.
+# executed (scan unrolling, attention kernel, sharding), never the function it computes.
+# Everything else must match the checkpoint's manifest.
 RESUMABLE_FIELDS = frozenset(
     {
         "unroll",
+        "attention",
         "fsdp_min_size",
         "eval_every",
         "ckpt_every",

@@ -19,6 +19,8 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
+from stackops.models import AttentionFn
+
 from .sharding import batch_sharding, fsdp_shardings, local_rows, make_mesh, replicated, shard_rows
 
 __all__ = ["next_token_loss", "make_eval_step", "EvalSet", "evaluate_model"]
@@ -32,6 +34,7 @@ def next_token_loss(
     *,
     compute_dtype: str = "float32",
     unroll: int = 0,
+    attention: AttentionFn | None = None,
 ) -> Float[Array, ""]:
     """Mean next-token cross-entropy of `model` on rows of `T + 1` tokens.
 
@@ -42,6 +45,8 @@ def next_token_loss(
     - `tokens`: int array `(B, T + 1)`.
     - `compute_dtype`: `"float32"` or `"bfloat16"` matmuls (logits and loss are float32).
     - `unroll`: blocks per scan iteration; 0 unrolls them all.
+    - `attention`: the attention core (`None`: the model's default, XLA's); see
+      `harness.attention.resolve_attention`.
 
     **Returns:** a float32 scalar, in nats per token.
 
@@ -59,7 +64,10 @@ def next_token_loss(
         ```
     """
     logits = model(
-        tokens[:, :-1], compute_dtype=DTYPES[compute_dtype], unroll=True if unroll == 0 else unroll
+        tokens[:, :-1],
+        compute_dtype=DTYPES[compute_dtype],
+        unroll=True if unroll == 0 else unroll,
+        attention=attention,
     )
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     return jnp.mean(losses)
@@ -72,6 +80,7 @@ def make_eval_step(
     *,
     compute_dtype: str = "float32",
     unroll: int = 0,
+    attention: AttentionFn | None = None,
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """A jitted `(params, tokens) -> loss` for the model whose non-array part is `static`.
 
@@ -96,7 +105,9 @@ def make_eval_step(
 
     def loss(params: Any, tokens: jax.Array) -> jax.Array:
         model = eqx.combine(params, static)
-        return next_token_loss(model, tokens, compute_dtype=compute_dtype, unroll=unroll)
+        return next_token_loss(
+            model, tokens, compute_dtype=compute_dtype, unroll=unroll, attention=attention
+        )
 
     return jax.jit(
         loss,
@@ -149,6 +160,7 @@ def evaluate_model(
     unroll: int = 0,
     mesh: Mesh | None = None,
     fsdp_min_size: int = 2**14,
+    attention: AttentionFn | None = None,
 ) -> float:
     """Validation loss of any model on fixed batches (e.g. a model from `load_checkpoint`).
 
@@ -159,6 +171,7 @@ def evaluate_model(
     - `compute_dtype`, `unroll`: as in training.
     - `mesh`: the mesh to run on (default: all devices).
     - `fsdp_min_size`: as `TrainConfig.fsdp_min_size`.
+    - `attention`: the attention core (`None`: XLA's); see `harness.attention`.
 
     **Returns:** the mean next-token loss in nats.
 
@@ -179,5 +192,7 @@ def evaluate_model(
     params, static = eqx.partition(model, eqx.is_array)
     shardings = fsdp_shardings(params, mesh, min_size=fsdp_min_size)
     params = jax.device_put(params, shardings)
-    step = make_eval_step(static, shardings, mesh, compute_dtype=compute_dtype, unroll=unroll)
+    step = make_eval_step(
+        static, shardings, mesh, compute_dtype=compute_dtype, unroll=unroll, attention=attention
+    )
     return EvalSet(batches, mesh).loss(step, params)

@@ -28,8 +28,9 @@ import optax
 from jax.sharding import Mesh
 
 import stackops as so
-from stackops.models import DecoderLM, LMConfig
+from stackops.models import AttentionFn, DecoderLM, LMConfig
 
+from .attention import resolve_attention
 from .config import TrainConfig
 from .evaluate import next_token_loss
 from .methods import GrowthSchedule
@@ -47,6 +48,7 @@ __all__ = [
     "init_state",
     "grow_state",
     "make_train_step",
+    "run_attention",
 ]
 
 
@@ -393,6 +395,27 @@ def grow_state(
     return out(params, opt_state)
 
 
+def run_attention(config: TrainConfig, mesh: Mesh) -> tuple[str, AttentionFn | None]:
+    """The attention core `config.attention` resolves to on `mesh`: `(name, function)`.
+
+    !!! Example
+
+        ```python
+        from harness.config import preset
+        from harness.sharding import make_mesh
+
+        name, fn = run_attention(preset("smoke", attention="xla"), make_mesh())
+        assert (name, fn) == ("xla", None)
+        ```
+    """
+    return resolve_attention(
+        config.attention,
+        compute_dtype=config.compute_dtype,
+        head_dim=config.d_model // config.n_heads,
+        mesh=mesh,
+    )
+
+
 def make_train_step(
     config: TrainConfig,
     sk: Skeleton,
@@ -400,7 +423,8 @@ def make_train_step(
     mesh: Mesh,
 ) -> Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]:
     """The jitted train step of one stage: `(params, opt_state, tokens) -> (params,
-    opt_state, {"loss", "grad_norm"})`, donating the old state.
+    opt_state, {"loss", "grad_norm"})`, donating the old state. The attention core is
+    the one `config.attention` resolves to on `mesh` (`harness.attention`).
 
     Call `.lower(sk.params, sk.opt_state, tokens_spec).compile()` on it to compile ahead of
     time (and time compilation apart from training).
@@ -424,12 +448,17 @@ def make_train_step(
         ```
     """
     static = sk.static
+    _, attention = run_attention(config, mesh)
 
     def step(params: Any, opt_state: Any, tokens: jax.Array):
         def loss_fn(p: Any) -> jax.Array:
             model = eqx.combine(p, static)
             return next_token_loss(
-                model, tokens, compute_dtype=config.compute_dtype, unroll=config.unroll
+                model,
+                tokens,
+                compute_dtype=config.compute_dtype,
+                unroll=config.unroll,
+                attention=attention,
             )
 
         loss, grads = jax.value_and_grad(loss_fn)(params)

@@ -60,6 +60,7 @@ from .state import (
     lm_config,
     make_optimizer,
     make_train_step,
+    run_attention,
     skeleton,
 )
 
@@ -271,6 +272,7 @@ class Trainer:
         check_divisible(config.global_batch, self.mesh, "global_batch")
         check_divisible(config.eval_rows, self.mesh, "eval_batch")
         self.optimizer, self.lr_schedule = make_optimizer(config)
+        self.attention, self.attention_fn = run_attention(config, self.mesh)
 
         data_dir = prepare_data(config)
         self.train_tokens = data.load_tokens(data_dir / "train.bin")
@@ -354,6 +356,7 @@ class Trainer:
                 self.mesh,
                 compute_dtype=cfg.compute_dtype,
                 unroll=cfg.unroll,
+                attention=self.attention_fn,
             )
             return (
                 step.lower(sk.params, sk.opt_state, tokens).compile(),
@@ -436,6 +439,7 @@ class Trainer:
                 "devices": jax.device_count(),
                 "processes": jax.process_count(),
                 "backend": jax.default_backend(),
+                "attention": self.attention,
             }
         )
         self.bar = Progress(sched.total_steps, step, enabled=cfg.progress and self.is_main)

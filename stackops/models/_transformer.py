@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
@@ -13,7 +14,24 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._stack import Stack
 
-__all__ = ["LMConfig", "Norm", "Attention", "MLP", "Block", "DecoderLM", "flops_per_token"]
+__all__ = [
+    "LMConfig",
+    "Norm",
+    "Attention",
+    "MLP",
+    "Block",
+    "DecoderLM",
+    "flops_per_token",
+    "causal_attention",
+    "AttentionFn",
+]
+
+AttentionFn = Callable[
+    [Float[Array, "B T H Dh"], Float[Array, "B T H Dh"], Float[Array, "B T H Dh"]],
+    Float[Array, "B T H Dh"],
+]
+"""`(q, k, v) -> out`, all `(batch, time, heads, head_dim)`: the attention core that
+[`Attention`][stackops.models.Attention] calls after its projections and rotary positions."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +151,51 @@ def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Arr
     return jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
 
 
+def causal_attention(
+    q: Float[Array, "B T H Dh"], k: Float[Array, "B T H Dh"], v: Float[Array, "B T H Dh"]
+) -> Float[Array, "B T H Dh"]:
+    """Causal softmax attention written in `jax.numpy`: the default attention core.
+
+    Scores are `q·k / sqrt(Dh)` in float32, future positions are masked, the softmax is
+    cast back to `q.dtype` before weighting `v`. Any function with this signature (a fused
+    kernel, `jax.nn.dot_product_attention(..., is_causal=True)` on GPU) can replace it
+    through the `attention=` argument of [`DecoderLM`][stackops.models.DecoderLM].
+
+    **Arguments:** `q`, `k`, `v` of shape `(batch, time, heads, head_dim)`, one dtype.
+
+    **Returns:** the attended values, shape `(batch, time, heads, head_dim)`.
+
+    !!! Example
+
+        ```python
+        import jax, jax.numpy as jnp
+        from stackops.models import causal_attention
+
+        q = k = v = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
+        out = causal_attention(q, k, v)
+        assert out.shape == (1, 4, 2, 8)
+        assert jnp.allclose(out[:, 0], v[:, 0])   # the first position sees only itself
+        ```
+    """
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "causal_attention: q, k and v must share one shape (batch, time, heads, head_dim); "
+            f"got {q.shape}, {k.shape}, {v.shape}."
+        )
+    t, dh = q.shape[1], q.shape[3]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(dh)
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class Attention(eqx.Module):
     """Causal multi-head self-attention with fused QKV and an output projection `wo`.
+
+    Call it as `attn(x, rope, attention=None)`: `rope` is `rope_tables(...)` or `None`,
+    `attention` an [`AttentionFn`][stackops.models.AttentionFn] that replaces the default
+    core [`causal_attention`][stackops.models.causal_attention].
 
     !!! Example
 
@@ -159,7 +220,12 @@ class Attention(eqx.Module):
         self.n_heads = n_heads
         self.rope = rope
 
-    def __call__(self, x: Float[Array, "B T d"], rope: tuple[Array, Array] | None) -> Array:
+    def __call__(
+        self,
+        x: Float[Array, "B T d"],
+        rope: tuple[Array, Array] | None,
+        attention: AttentionFn | None = None,
+    ) -> Array:
         b, t, d = x.shape
         h = self.n_heads
         qkv = _dense(x, self.wqkv)
@@ -167,12 +233,8 @@ class Attention(eqx.Module):
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # B T H Dh
         if self.rope and rope is not None:
             q, k = _rope(q, *rope), _rope(k, *rope)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d // h)
-        mask = jnp.tril(jnp.ones((t, t), bool))
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
-        return _dense(out, self.wo)
+        out = (attention or causal_attention)(q, k, v)
+        return _dense(out.reshape(b, t, d), self.wo)
 
 
 class MLP(eqx.Module):
@@ -235,8 +297,13 @@ class Block(eqx.Module):
         self.norm2 = Norm(d, config.norm)
         self.mlp = MLP(d, config.ff, out_std=out_std, key=k2)
 
-    def __call__(self, x: Float[Array, "B T d"], rope: tuple[Array, Array] | None = None) -> Array:
-        x = x + self.attn(self.norm1(x), rope)
+    def __call__(
+        self,
+        x: Float[Array, "B T d"],
+        rope: tuple[Array, Array] | None = None,
+        attention: AttentionFn | None = None,
+    ) -> Array:
+        x = x + self.attn(self.norm1(x), rope, attention)
         return x + self.mlp(self.norm2(x))
 
     def residual_out_leaves(self) -> tuple[Array, Array]:
@@ -254,6 +321,9 @@ class DecoderLM(eqx.Module):
 
     Call it on int tokens of shape `(B, T)` to get float32 logits `(B, T, vocab)`.
     `compute_dtype=jnp.bfloat16` runs the matmuls in bf16 (norms and softmax stay fp32).
+    `unroll` is passed to the blocks' `lax.scan` (`True` unrolls all of them);
+    `attention` replaces the attention core (default
+    [`causal_attention`][stackops.models.causal_attention]).
 
     !!! Example
 
@@ -306,6 +376,7 @@ class DecoderLM(eqx.Module):
         *,
         compute_dtype: jnp.dtype = jnp.float32,
         unroll: int | bool = 1,
+        attention: AttentionFn | None = None,
     ) -> Float[Array, "B T V"]:
         if tokens.ndim != 2:
             raise ValueError(
@@ -321,7 +392,7 @@ class DecoderLM(eqx.Module):
         else:
             rope = rope_tables(t, self.config.d_model // self.config.n_heads)
         h = h.astype(compute_dtype)
-        h = self.blocks(h, rope, unroll=unroll)
+        h = self.blocks(h, rope, attention, unroll=unroll)
         h = self.norm_f(h)
         return _dense(h, self.head.astype(compute_dtype)).astype(jnp.float32)
 

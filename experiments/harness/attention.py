@@ -1,0 +1,344 @@
+"""Attention cores for the harness: XLA's, or a fused causal-attention kernel for XLA CPU.
+
+XLA CPU runs the attention core of the reference model (scores, mask, softmax, weighted
+sum and their gradients) as small batched matmuls at about a third of its 2-D matmul rate;
+on the `cpu` preset that is 37% of a training step (`experiments/bench_train.py` measures
+it). [`cpu_causal_attention`][] is the same function as
+[`stackops.models.causal_attention`][] computed by a C++ kernel
+(`harness/kernels/causal_attention.cc`) called through the XLA FFI: one work item per
+(batch row, head) on XLA's own thread pool, only the causal triangle of score tiles, the
+softmax fused between the products, and a backward pass that recomputes probabilities from
+the saved log-sum-exp.
+
+The kernel is compiled on first use with the host's C++ compiler (`$CXX`, else `g++`;
+about 3 s) into a cache directory (`$STACKOPS_KERNEL_CACHE`, else
+`~/.cache/stackops/kernels`), keyed by the source, the jaxlib version and the CPU, so a
+cached build is never used on another kind of machine. Nothing is downloaded.
+
+[`resolve_attention`][] turns the config's `attention` field into the function the model
+calls: `"xla"` (the `jax.numpy` core), `"cpu-kernel"` (the kernel, or a clear error saying
+why it cannot run), or `"auto"` (the kernel where it applies: CPU devices, float32, a head
+dimension that is a multiple of 16, a working compiler; XLA's core otherwise). On a mesh of
+several devices the kernel runs under `jax.shard_map`, each device attending over its own
+rows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+from jaxtyping import Array, Float
+
+from stackops.models import AttentionFn
+
+from .sharding import DATA_AXIS
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "KernelUnavailable",
+    "build_kernel",
+    "cpu_causal_attention",
+    "kernel_problem",
+    "resolve_attention",
+]
+
+ATTENTION_IMPLS = ("auto", "xla", "cpu-kernel")
+SOURCE = Path(__file__).with_name("kernels") / "causal_attention.cc"
+CXXFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c++17")
+TILE = 16  # the kernel's tile: head dimensions must be a multiple of it
+
+_FWD_TARGET = "stackops_causal_attention_fwd"
+_BWD_TARGET = "stackops_causal_attention_bwd"
+_lock = threading.Lock()
+_loaded: ctypes.CDLL | None = None
+
+
+class KernelUnavailable(RuntimeError):
+    """The CPU attention kernel cannot be built or loaded here (the message says why)."""
+
+
+def _cpu_signature() -> str:
+    """Identifies the CPU model and features a `-march=native` build is valid for."""
+    info = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    info += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def _cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("STACKOPS_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "stackops" / "kernels"
+
+
+def build_kernel(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Compile the attention kernel (once per source, jaxlib and CPU) and return its path.
+
+    **Arguments:**
+
+    - `cache_dir`: where the shared library is kept (default `$STACKOPS_KERNEL_CACHE`,
+      else `~/.cache/stackops/kernels`).
+
+    **Returns:** the path of the shared library.
+
+    **Raises:** [`KernelUnavailable`][] when no C++ compiler is found (set `$CXX`) or
+    compilation fails (the compiler's message is included).
+
+    Concurrent builds (two processes of one run) are safe: each compiles to a temporary
+    file and renames it into place.
+
+    !!! Example
+
+        ```python
+        path = build_kernel()
+        assert path.suffix == ".so" and path.exists()
+        ```
+    """
+    import jaxlib
+
+    cxx = os.environ.get("CXX", "g++")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, jaxlib.__version__.encode(), " ".join(CXXFLAGS).encode(), cxx.encode()]
+            + [_cpu_signature().encode()]
+        )
+    ).hexdigest()[:16]
+    out_dir = _cache_dir(cache_dir)
+    lib = out_dir / f"causal_attention-{key}.so"
+    if lib.exists():
+        return lib
+    compiler = shutil.which(cxx)
+    if compiler is None:
+        raise KernelUnavailable(
+            f"No C++ compiler {cxx!r} on PATH to build the CPU attention kernel: install g++ "
+            "(or set $CXX), or set attention='xla'."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [compiler, *CXXFLAGS, "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    cmd += [str(SOURCE), "-o", tmp]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelUnavailable(
+                f"Building the CPU attention kernel failed ({' '.join(cmd)}):\n"
+                f"{result.stderr[-2000:]}\nSet attention='xla' to train without it."
+            )
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load() -> None:
+    """Build (if needed) and register the kernel's FFI targets, once per process."""
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return
+        path = build_kernel()
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(path))
+        except OSError as e:
+            raise KernelUnavailable(f"Cannot load the CPU attention kernel {path}: {e}") from e
+        jax.ffi.register_ffi_target(
+            _FWD_TARGET, jax.ffi.pycapsule(lib.StackopsAttnFwd), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            _BWD_TARGET, jax.ffi.pycapsule(lib.StackopsAttnBwd), platform="cpu"
+        )
+        _loaded = lib
+
+
+def _check(q: Any, k: Any, v: Any) -> None:
+    if q.ndim < 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "cpu_causal_attention: q, k and v must share one shape (..., time, heads, "
+            f"head_dim); got {q.shape}, {k.shape}, {v.shape}."
+        )
+    if any(x.dtype != jnp.float32 for x in (q, k, v)):
+        raise ValueError(
+            f"cpu_causal_attention computes in float32, got {q.dtype}/{k.dtype}/{v.dtype}: "
+            "use compute_dtype='float32' or attention='xla'."
+        )
+    if q.shape[-1] % TILE:
+        raise ValueError(
+            f"cpu_causal_attention needs a head dimension that is a multiple of {TILE}, got "
+            f"{q.shape[-1]} (d_model / n_heads): change n_heads or use attention='xla'."
+        )
+
+
+def _forward(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
+    *batch, t, h, _ = q.shape
+    out_types = (
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        jax.ShapeDtypeStruct((*batch, h, t), jnp.float32),  # log-sum-exp per row
+    )
+    call = jax.ffi.ffi_call(_FWD_TARGET, out_types, vmap_method="broadcast_all")
+    out, lse = call(q, k, v)
+    return out, lse
+
+
+@jax.custom_vjp
+def _attention(q: Array, k: Array, v: Array) -> Array:
+    return _forward(q, k, v)[0]
+
+
+def _attention_fwd(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...]]:
+    out, lse = _forward(q, k, v)
+    return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(res: tuple[Array, ...], g: Array) -> tuple[Array, Array, Array]:
+    q = res[0]
+    like = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call(_BWD_TARGET, (like, like, like), vmap_method="broadcast_all")
+    dq, dk, dv = call(*res, g.astype(jnp.float32))
+    return dq, dk, dv
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def cpu_causal_attention(
+    q: Float[Array, "*B T H Dh"], k: Float[Array, "*B T H Dh"], v: Float[Array, "*B T H Dh"]
+) -> Float[Array, "*B T H Dh"]:
+    """[`stackops.models.causal_attention`][] computed by the fused CPU kernel.
+
+    Differentiable (a custom VJP whose backward pass is the kernel too), `jit`- and
+    `vmap`-compatible; builds and registers the kernel on first use.
+
+    **Arguments:** `q`, `k`, `v` float32 of one shape `(..., time, heads, head_dim)`,
+    `head_dim` a multiple of 16. Leading dimensions are batch.
+
+    **Returns:** the attended values, same shape.
+
+    **Raises:** `ValueError` for other shapes or dtypes (naming the fix),
+    [`KernelUnavailable`][] if the kernel cannot be built.
+
+    !!! Example
+
+        ```python
+        import jax, jax.numpy as jnp
+        from stackops.models import causal_attention
+
+        q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 8, 2, 16))
+        out = cpu_causal_attention(q, k, v)
+        assert jnp.allclose(out, causal_attention(q, k, v), atol=1e-5)
+        ```
+    """
+    _check(q, k, v)
+    _load()
+    return _attention(q, k, v)
+
+
+def kernel_problem(*, compute_dtype: str, head_dim: int, devices: Any) -> str | None:
+    """Why the CPU kernel does not apply to this run, or `None` if it does (not building it).
+
+    !!! Example
+
+        ```python
+        import jax
+
+        assert kernel_problem(compute_dtype="float32", head_dim=32, devices=jax.devices()) is None
+        assert "multiple of 16" in kernel_problem(
+            compute_dtype="float32", head_dim=8, devices=jax.devices())
+        ```
+    """
+    platforms = sorted({d.platform for d in np.ravel(devices)})
+    if platforms != ["cpu"]:
+        return f"it runs on CPU devices only, the mesh has {'/'.join(platforms)} devices"
+    if compute_dtype != "float32":
+        return f"it computes in float32, the config asks for compute_dtype={compute_dtype!r}"
+    if head_dim % TILE:
+        return f"the head dimension (d_model / n_heads = {head_dim}) is not a multiple of {TILE}"
+    return None
+
+
+def resolve_attention(
+    attention: str, *, compute_dtype: str, head_dim: int, mesh: Mesh
+) -> tuple[str, AttentionFn | None]:
+    """The attention core for a run: `(name, function)`; the function is `None` for XLA's.
+
+    **Arguments:**
+
+    - `attention`: `"auto"`, `"xla"` or `"cpu-kernel"` (the config's `attention` field).
+    - `compute_dtype`, `head_dim`: the run's compute dtype and `d_model // n_heads`.
+    - `mesh`: the run's mesh; with several devices the kernel runs under `jax.shard_map`
+      over the data axis (batch rows split, as the activations are).
+
+    **Returns:** the name actually used (`"xla"` or `"cpu-kernel"`) and the function to pass
+    as `DecoderLM(..., attention=fn)`.
+
+    **Raises:** `ValueError` for an unknown name, or when `"cpu-kernel"` is asked for and does
+    not apply (the message says why and how to fix it); [`KernelUnavailable`][] when it is
+    asked for and cannot be built. `"auto"` never raises for these: it warns and uses XLA's.
+
+    !!! Example
+
+        ```python
+        from harness.sharding import make_mesh
+
+        name, fn = resolve_attention("xla", compute_dtype="float32", head_dim=32,
+                                     mesh=make_mesh())
+        assert name == "xla" and fn is None
+        ```
+    """
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}.")
+    if attention == "xla":
+        return "xla", None
+    problem = kernel_problem(compute_dtype=compute_dtype, head_dim=head_dim, devices=mesh.devices)
+    if problem is not None:
+        if attention == "cpu-kernel":
+            raise ValueError(
+                f"attention='cpu-kernel' cannot be used: {problem}. Use 'auto' or 'xla'."
+            )
+        return "xla", None
+    try:
+        _load()
+    except KernelUnavailable as e:
+        if attention == "cpu-kernel":
+            raise
+        warnings.warn(f"{e}\nFalling back to XLA's attention.", stacklevel=2)
+        return "xla", None
+    if mesh.size == 1:
+        return "cpu-kernel", cpu_causal_attention
+    spec = PartitionSpec(DATA_AXIS)
+    # check_vma=False: the FFI call's results carry no varying-axes annotation, and each
+    # device's rows are independent, so there is nothing to check.
+    sharded = jax.shard_map(
+        cpu_causal_attention,
+        mesh=mesh,
+        in_specs=(spec, spec, spec),
+        out_specs=spec,
+        check_vma=False,
+    )
+    return "cpu-kernel", sharded
