@@ -1,6 +1,7 @@
 """The fused CPU attention kernel (harness.attention) against XLA's attention core."""
 
 import warnings
+from functools import partial
 
 import equinox as eqx
 import jax
@@ -20,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec
 
-from stackops.models import DecoderLM, LMConfig, causal_attention
+from stackops.models import DecoderLM, LMConfig, causal_attention, rope_tables
 
 
 def _qkvw(key, shape):
@@ -31,12 +32,15 @@ def _grads(fn, q, k, v, w):
     return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
 
 
-@jax.jit
-def _both(q, k, v, w):
+@partial(jax.jit, static_argnums=4)
+def _both(q, k, v, w, rotary):
     """Outputs and gradients of the kernel and of XLA's core, in one compiled call."""
+    rope = rope_tables(q.shape[1], q.shape[-1]) if rotary else None
+    kernel = partial(cpu_causal_attention, rope=rope)
+    xla = partial(causal_attention, rope=rope)
     return (
-        (cpu_causal_attention(q, k, v), *_grads(cpu_causal_attention, q, k, v, w)),
-        (causal_attention(q, k, v), *_grads(causal_attention, q, k, v, w)),
+        (kernel(q, k, v), *_grads(kernel, q, k, v, w)),
+        (xla(q, k, v), *_grads(xla, q, k, v, w)),
     )
 
 
@@ -45,11 +49,12 @@ def _both(q, k, v, w):
     t=st.integers(1, 40),
     h=st.integers(1, 3),
     dh=st.sampled_from([16, 32, 48]),
+    rotary=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_matches_xla_attention_and_its_gradients(b, t, h, dh, seed):
+def test_kernel_matches_xla_attention_and_its_gradients(b, t, h, dh, rotary, seed):
     # t covers lengths below, at and across the kernel's 16-row tiles (padding paths).
-    got, want = _both(*_qkvw(jax.random.key(seed), (b, t, h, dh)))
+    got, want = _both(*_qkvw(jax.random.key(seed), (b, t, h, dh)), rotary)
     np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=1e-5)
     for g, r in zip(got[1:], want[1:]):
         np.testing.assert_allclose(g, r, atol=5e-5, rtol=1e-4)
@@ -65,15 +70,15 @@ def test_kernel_is_causal():
 
 def test_kernel_under_jit_vmap_and_extra_batch_dims():
     q, k, v, w = _qkvw(jax.random.key(1), (3, 2, 17, 2, 16))
-    want = causal_attention(
-        q.reshape(6, 17, 2, 16), k.reshape(6, 17, 2, 16), v.reshape(6, 17, 2, 16)
-    )
-    np.testing.assert_allclose(cpu_causal_attention(q, k, v).reshape(6, 17, 2, 16), want, atol=2e-5)
-    np.testing.assert_allclose(
-        jax.jit(jax.vmap(cpu_causal_attention))(q, k, v).reshape(6, 17, 2, 16), want, atol=2e-5
-    )
-    g = jax.jit(jax.vmap(lambda q, k, v, w: _grads(cpu_causal_attention, q, k, v, w)))(q, k, v, w)
-    g_ref = jax.vmap(lambda q, k, v, w: _grads(causal_attention, q, k, v, w))(q, k, v, w)
+    rope = rope_tables(17, 16)
+    kernel = partial(cpu_causal_attention, rope=rope)
+    xla = partial(causal_attention, rope=rope)
+    flat = (6, 17, 2, 16)
+    want = xla(q.reshape(flat), k.reshape(flat), v.reshape(flat))
+    np.testing.assert_allclose(kernel(q, k, v).reshape(flat), want, atol=2e-5)
+    np.testing.assert_allclose(jax.jit(jax.vmap(kernel))(q, k, v).reshape(flat), want, atol=2e-5)
+    g = jax.jit(jax.vmap(lambda q, k, v, w: _grads(kernel, q, k, v, w)))(q, k, v, w)
+    g_ref = jax.vmap(lambda q, k, v, w: _grads(xla, q, k, v, w))(q, k, v, w)
     for got, ref in zip(g, g_ref):
         np.testing.assert_allclose(got, ref, atol=5e-5, rtol=1e-4)
 
@@ -103,12 +108,13 @@ def test_sharded_kernel_on_eight_devices_matches_one():
     name, fn = resolve_attention("auto", compute_dtype="float32", head_dim=16, mesh=mesh)
     assert name == "cpu-kernel"
     q, k, v, w = _qkvw(jax.random.key(2), (8, 19, 2, 16))
+    rope = rope_tables(19, 16)
     rows = NamedSharding(mesh, PartitionSpec("data"))
     qs, ks, vs = (jax.device_put(x, rows) for x in (q, k, v))
-    np.testing.assert_allclose(jax.jit(fn)(qs, ks, vs), causal_attention(q, k, v), atol=2e-5)
-    for got, want in zip(
-        jax.jit(lambda *a: _grads(fn, *a, w))(qs, ks, vs), _grads(causal_attention, q, k, v, w)
-    ):
+    xla = partial(causal_attention, rope=rope)
+    np.testing.assert_allclose(jax.jit(fn)(qs, ks, vs, rope), xla(q, k, v), atol=2e-5)
+    sharded = jax.jit(lambda *a: _grads(lambda q, k, v: fn(q, k, v, rope), *a, w))
+    for got, want in zip(sharded(qs, ks, vs), _grads(xla, q, k, v, w)):
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
 
 
@@ -120,6 +126,8 @@ def test_bad_inputs_are_rejected_with_the_fix():
         cpu_causal_attention(q[..., :8], q[..., :8], q[..., :8])
     with pytest.raises(ValueError, match="one shape"):
         cpu_causal_attention(q, q[:, :3], q)
+    with pytest.raises(ValueError, match="rope_tables"):
+        cpu_causal_attention(q, q, q, rope_tables(5, 16))
 
 
 def test_resolve_attention_choices():

@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,7 @@ def _load() -> None:
         _loaded = lib
 
 
-def _check(q: Any, k: Any, v: Any) -> None:
+def _check(q: Any, k: Any, v: Any, rope: Any) -> None:
     if q.ndim < 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             "cpu_causal_attention: q, k and v must share one shape (..., time, heads, "
@@ -193,52 +194,68 @@ def _check(q: Any, k: Any, v: Any) -> None:
             f"cpu_causal_attention needs a head dimension that is a multiple of {TILE}, got "
             f"{q.shape[-1]} (d_model / n_heads): change n_heads or use attention='xla'."
         )
+    if rope is not None:
+        t, half = q.shape[-3], q.shape[-1] // 2
+        if len(rope) != 2 or any(x.size != t * half for x in rope):
+            raise ValueError(
+                "cpu_causal_attention: rope must be the (cos, sin) tables of "
+                f"stackops.models.rope_tables({t}, {q.shape[-1]}), each with {t}x{half} "
+                f"entries; got shapes {[getattr(x, 'shape', None) for x in rope]}."
+            )
 
 
-def _forward(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
+def _forward(q: Array, k: Array, v: Array, cos: Array, sin: Array, rotary: int):
     *batch, t, h, _ = q.shape
     out_types = (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
         jax.ShapeDtypeStruct((*batch, h, t), jnp.float32),  # log-sum-exp per row
     )
-    call = jax.ffi.ffi_call(_FWD_TARGET, out_types, vmap_method="broadcast_all")
-    out, lse = call(q, k, v)
-    return out, lse
+    call = jax.ffi.ffi_call(_FWD_TARGET, out_types, vmap_method="expand_dims")
+    return call(q, k, v, cos, sin, rotary=np.int32(rotary))
 
 
-@jax.custom_vjp
-def _attention(q: Array, k: Array, v: Array) -> Array:
-    return _forward(q, k, v)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q: Array, k: Array, v: Array, cos: Array, sin: Array, rotary: int) -> Array:
+    return _forward(q, k, v, cos, sin, rotary)[0]
 
 
-def _attention_fwd(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...]]:
-    out, lse = _forward(q, k, v)
-    return out, (q, k, v, out, lse)
+def _attention_fwd(q: Array, k: Array, v: Array, cos: Array, sin: Array, rotary: int):
+    out, lse = _forward(q, k, v, cos, sin, rotary)
+    return out, (q, k, v, cos, sin, out, lse)
 
 
-def _attention_bwd(res: tuple[Array, ...], g: Array) -> tuple[Array, Array, Array]:
-    q = res[0]
+def _attention_bwd(rotary: int, res: tuple[Array, ...], g: Array):
+    q, k, v, cos, sin, out, lse = res
     like = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    call = jax.ffi.ffi_call(_BWD_TARGET, (like, like, like), vmap_method="broadcast_all")
-    dq, dk, dv = call(*res, g.astype(jnp.float32))
-    return dq, dk, dv
+    call = jax.ffi.ffi_call(_BWD_TARGET, (like, like, like), vmap_method="expand_dims")
+    dq, dk, dv = call(q, k, v, cos, sin, out, lse, g.astype(jnp.float32), rotary=np.int32(rotary))
+    # The rotary tables are constants of the positions: no gradient flows to them.
+    return dq, dk, dv, jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def cpu_causal_attention(
-    q: Float[Array, "*B T H Dh"], k: Float[Array, "*B T H Dh"], v: Float[Array, "*B T H Dh"]
+    q: Float[Array, "*B T H Dh"],
+    k: Float[Array, "*B T H Dh"],
+    v: Float[Array, "*B T H Dh"],
+    rope: tuple[Array, Array] | None = None,
 ) -> Float[Array, "*B T H Dh"]:
     """[`stackops.models.causal_attention`][] computed by the fused CPU kernel.
 
     Differentiable (a custom VJP whose backward pass is the kernel too), `jit`- and
-    `vmap`-compatible; builds and registers the kernel on first use.
+    `vmap`-compatible; builds and registers the kernel on first use. Rotary positions are
+    applied inside the kernel (while it gathers each head), not as a separate pass.
 
-    **Arguments:** `q`, `k`, `v` float32 of one shape `(..., time, heads, head_dim)`,
-    `head_dim` a multiple of 16. Leading dimensions are batch.
+    **Arguments:**
 
-    **Returns:** the attended values, same shape.
+    - `q`, `k`, `v`: float32 of one shape `(..., time, heads, head_dim)`, `head_dim` a
+      multiple of 16. Leading dimensions are batch.
+    - `rope`: `None`, or the `(cos, sin)` tables of `stackops.models.rope_tables(time,
+      head_dim)` to rotate `q` and `k` by first.
+
+    **Returns:** the attended values, same shape as `q`.
 
     **Raises:** `ValueError` for other shapes or dtypes (naming the fix),
     [`KernelUnavailable`][] if the kernel cannot be built.
@@ -247,16 +264,22 @@ def cpu_causal_attention(
 
         ```python
         import jax, jax.numpy as jnp
-        from stackops.models import causal_attention
+        from stackops.models import causal_attention, rope_tables
 
         q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 8, 2, 16))
-        out = cpu_causal_attention(q, k, v)
-        assert jnp.allclose(out, causal_attention(q, k, v), atol=1e-5)
+        rope = rope_tables(8, 16)
+        out = cpu_causal_attention(q, k, v, rope)
+        assert jnp.allclose(out, causal_attention(q, k, v, rope), atol=1e-5)
         ```
     """
-    _check(q, k, v)
+    _check(q, k, v, rope)
     _load()
-    return _attention(q, k, v)
+    if rope is None:
+        dummy = jnp.zeros((1,), jnp.float32)
+        return _attention(q, k, v, dummy, dummy, 0)
+    half = q.shape[-1] // 2
+    cos, sin = (jnp.asarray(x, jnp.float32).reshape(q.shape[-3], half) for x in rope)
+    return _attention(q, k, v, cos, sin, 1)
 
 
 def kernel_problem(*, compute_dtype: str, head_dim: int, devices: Any) -> str | None:
@@ -337,7 +360,7 @@ def resolve_attention(
     sharded = jax.shard_map(
         cpu_causal_attention,
         mesh=mesh,
-        in_specs=(spec, spec, spec),
+        in_specs=(spec, spec, spec, PartitionSpec()),  # rope tables replicated
         out_specs=spec,
         check_vma=False,
     )

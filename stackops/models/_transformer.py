@@ -27,11 +27,18 @@ __all__ = [
 ]
 
 AttentionFn = Callable[
-    [Float[Array, "B T H Dh"], Float[Array, "B T H Dh"], Float[Array, "B T H Dh"]],
+    [
+        Float[Array, "B T H Dh"],
+        Float[Array, "B T H Dh"],
+        Float[Array, "B T H Dh"],
+        "tuple[Array, Array] | None",
+    ],
     Float[Array, "B T H Dh"],
 ]
-"""`(q, k, v) -> out`, all `(batch, time, heads, head_dim)`: the attention core that
-[`Attention`][stackops.models.Attention] calls after its projections and rotary positions."""
+"""`(q, k, v, rope) -> out`, arrays `(batch, time, heads, head_dim)`: the attention core
+that [`Attention`][stackops.models.Attention] calls after its projections. `rope` is `None`
+or the `(cos, sin)` tables of [`rope_tables`][stackops.models.rope_tables], to rotate `q`
+and `k` by before the scores (so a fused kernel can apply them on the fly)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +159,24 @@ def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Arr
 
 
 def causal_attention(
-    q: Float[Array, "B T H Dh"], k: Float[Array, "B T H Dh"], v: Float[Array, "B T H Dh"]
+    q: Float[Array, "B T H Dh"],
+    k: Float[Array, "B T H Dh"],
+    v: Float[Array, "B T H Dh"],
+    rope: tuple[Array, Array] | None = None,
 ) -> Float[Array, "B T H Dh"]:
     """Causal softmax attention written in `jax.numpy`: the default attention core.
 
-    Scores are `q·k / sqrt(Dh)` in float32, future positions are masked, the softmax is
-    cast back to `q.dtype` before weighting `v`. Any function with this signature (a fused
-    kernel, `jax.nn.dot_product_attention(..., is_causal=True)` on GPU) can replace it
-    through the `attention=` argument of [`DecoderLM`][stackops.models.DecoderLM].
+    `q` and `k` are first rotated by `rope` (rotary positions) when it is given. Scores are
+    `q·k / sqrt(Dh)` in float32, future positions are masked, the softmax is cast back to
+    `q.dtype` before weighting `v`. Any function with this signature (an
+    [`AttentionFn`][stackops.models.AttentionFn]: a fused kernel, or a wrapper around
+    `jax.nn.dot_product_attention(..., is_causal=True)` on GPU) can replace it through the
+    `attention=` argument of [`DecoderLM`][stackops.models.DecoderLM].
 
-    **Arguments:** `q`, `k`, `v` of shape `(batch, time, heads, head_dim)`, one dtype.
+    **Arguments:**
+
+    - `q`, `k`, `v`: shape `(batch, time, heads, head_dim)`, one dtype.
+    - `rope`: `None`, or `rope_tables(time, head_dim)`.
 
     **Returns:** the attended values, shape `(batch, time, heads, head_dim)`.
 
@@ -182,6 +197,8 @@ def causal_attention(
             "causal_attention: q, k and v must share one shape (batch, time, heads, head_dim); "
             f"got {q.shape}, {k.shape}, {v.shape}."
         )
+    if rope is not None:
+        q, k = _rope(q, *rope), _rope(k, *rope)
     t, dh = q.shape[1], q.shape[3]
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(dh)
     mask = jnp.tril(jnp.ones((t, t), bool))
@@ -231,9 +248,7 @@ class Attention(eqx.Module):
         qkv = _dense(x, self.wqkv)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, h, d // h), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # B T H Dh
-        if self.rope and rope is not None:
-            q, k = _rope(q, *rope), _rope(k, *rope)
-        out = (attention or causal_attention)(q, k, v)
+        out = (attention or causal_attention)(q, k, v, rope if self.rope else None)
         return _dense(out.reshape(b, t, d), self.wo)
 
 

@@ -9,6 +9,9 @@
 // (as FlashAttention does) instead of storing the T x T matrix.
 //
 // Inputs are float32 (..., T, H, Dh) with Dh a multiple of 16; the leading dims are batch.
+// With rotary=1, q and k are first rotated by the tables cos, sin (T, Dh/2) (rotary
+// positions, as stackops.models applies them), and their gradients rotated back, so the
+// rotation costs no separate pass over memory.
 // Built by harness/attention.py with the host's C++ compiler; see docs/training.md.
 #include <algorithm>
 #include <atomic>
@@ -25,25 +28,6 @@
 namespace ffi = xla::ffi;
 
 namespace {
-
-// exp(x) for x <= 0, vectorisable (Cephes-style polynomial; relative error ~2e-7).
-inline float fast_exp(float x) {
-  x = std::max(x, -87.0f);
-  const float l2e = 1.44269504088896341f;
-  float n = std::nearbyint(x * l2e);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 // Runs f(i) for i in [0, n) on XLA's intra-op pool; the calling thread works too, so
 // this never waits for a pool thread to become free.
@@ -87,6 +71,37 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 inline v16 Load(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void Store(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
 inline v16 Splat(float x) { return v16{} + x; }
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+const v16 kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// exp(x) on 16 lanes for x <= 0 (Cephes-style polynomial, relative error ~2e-7; inputs
+// below -87 are clamped, so exp(-inf) is ~1e-38, not 0: callers zero masked lanes).
+inline v16 ExpV(v16 x) {
+  x = x < Splat(-87.0f) ? Splat(-87.0f) : x;
+  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v16 p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  return p * reinterpret_cast<const v16&>(bits);
+}
+
+inline float HMax(v16 x) {
+  float m = x[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+inline float HSum(v16 x) {
+  float t = 0.0f;
+  for (int i = 0; i < W; ++i) t += x[i];
+  return t;
+}
 
 struct Dims {
   int64_t batch, t, h, d, tp;  // tp: t rounded up to a multiple of W
@@ -114,12 +129,32 @@ float* Scratch(int64_t n) {
   return reinterpret_cast<float*>((addr + 63) & ~uintptr_t{63});
 }
 
-// Head `hh` of one batch row, (T, H, D) -> contiguous (tp, D), scaled; padding rows zero.
-inline void Gather(const float* src, float* dst, const Dims& g, int64_t hh, float scale) {
+// Rotary tables, (T, D/2) each, or none (cos == nullptr).
+struct Rope {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+};
+
+// Head `hh` of one batch row, (T, H, D) -> contiguous (tp, D), rotated by `rope` (as
+// stackops.models: halves x1, x2 -> x1 cos - x2 sin, x2 cos + x1 sin) and scaled; padding
+// rows zero.
+inline void Gather(const float* src, float* dst, const Dims& g, int64_t hh, float scale,
+                   Rope rope = {}) {
+  const int64_t half = g.d / 2;
   for (int64_t i = 0; i < g.t; ++i) {
     const float* s = src + (i * g.h + hh) * g.d;
     float* o = dst + i * g.d;
-    for (int64_t c = 0; c < g.d; ++c) o[c] = scale * s[c];
+    if (rope.cos == nullptr) {
+      for (int64_t c = 0; c < g.d; ++c) o[c] = scale * s[c];
+      continue;
+    }
+    const float* cs = rope.cos + i * half;
+    const float* sn = rope.sin + i * half;
+    for (int64_t c = 0; c < half; ++c) {
+      const float x1 = s[c], x2 = s[c + half];
+      o[c] = scale * (x1 * cs[c] - x2 * sn[c]);
+      o[c + half] = scale * (x2 * cs[c] + x1 * sn[c]);
+    }
   }
   std::fill(dst + g.t * g.d, dst + g.tp * g.d, 0.0f);
 }
@@ -130,23 +165,57 @@ inline void Transpose(const float* src, float* dst, int64_t rows, int64_t cols) 
     for (int64_t c = 0; c < cols; ++c) dst[c * rows + i] = src[i * cols + c];
 }
 
-inline void Scatter(const float* src, float* dst, const Dims& g, int64_t hh, float scale) {
+// Contiguous (tp, D) -> head `hh` of (T, H, D), scaled and rotated back by `rope` (the
+// transpose of Gather's rotation: the gradient with respect to the unrotated input).
+inline void Scatter(const float* src, float* dst, const Dims& g, int64_t hh, float scale,
+                    Rope rope = {}) {
+  const int64_t half = g.d / 2;
   for (int64_t i = 0; i < g.t; ++i) {
     const float* s = src + i * g.d;
     float* o = dst + (i * g.h + hh) * g.d;
-    for (int64_t c = 0; c < g.d; ++c) o[c] = scale * s[c];
+    if (rope.cos == nullptr) {
+      for (int64_t c = 0; c < g.d; ++c) o[c] = scale * s[c];
+      continue;
+    }
+    const float* cs = rope.cos + i * half;
+    const float* sn = rope.sin + i * half;
+    for (int64_t c = 0; c < half; ++c) {
+      const float y1 = s[c], y2 = s[c + half];
+      o[c] = scale * (y1 * cs[c] + y2 * sn[c]);
+      o[c + half] = scale * (y2 * cs[c] - y1 * sn[c]);
+    }
   }
 }
 
-// C (W x W, row stride W) = A (W rows of length d, row stride d) x Bt[:, j0:j0+W] (Bt: d x ldb).
-inline void TileABt(const float* A, const float* Bt, int64_t ldb, int64_t d, float* C) {
+ffi::Error SameShape(const ffi::Buffer<ffi::F32>& a, const ffi::Buffer<ffi::F32>& b) {
+  auto x = a.dimensions(), y = b.dimensions();
+  if (x.size() != y.size() || !std::equal(x.begin(), x.end(), y.begin()))
+    return ffi::Error::InvalidArgument("attention: q, k, v (and out, d out) must share a shape");
+  return ffi::Error::Success();
+}
+
+ffi::Error GetRope(int32_t rotary, const ffi::Buffer<ffi::F32>& cos,
+                   const ffi::Buffer<ffi::F32>& sin, const Dims& g, Rope* rope) {
+  if (!rotary) return ffi::Error::Success();
+  if (g.d % 2 || cos.element_count() != g.t * (g.d / 2) ||
+      sin.element_count() != g.t * (g.d / 2))
+    return ffi::Error::InvalidArgument("attention: rotary tables must be (T, head_dim / 2)");
+  rope->cos = cos.typed_data();
+  rope->sin = sin.typed_data();
+  return ffi::Error::Success();
+}
+
+// C (W x W, row stride ldc) = A (W rows of length d, row stride d) x Bt[:, 0:W]
+// (Bt: d rows, row stride ldb).
+inline void TileABt(const float* A, const float* Bt, int64_t ldb, int64_t d, float* C,
+                    int64_t ldc) {
   v16 acc[W];
   for (int r = 0; r < W; ++r) acc[r] = v16{};
   for (int64_t c = 0; c < d; ++c) {
     const v16 b = Load(Bt + c * ldb);
     for (int r = 0; r < W; ++r) acc[r] += A[r * d + c] * b;
   }
-  for (int r = 0; r < W; ++r) Store(C + r * W, acc[r]);
+  for (int r = 0; r < W; ++r) Store(C + r * ldc, acc[r]);
 }
 
 // C (W rows x d, row stride d) += P x B, with P[r][j] = P[r * prs + j * pcs] (W x W)
@@ -164,10 +233,15 @@ inline void TilePB(const float* P, int64_t prs, int64_t pcs, const float* B, int
 }
 
 ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
+                   int32_t rotary) {
   Dims g;
   if (auto e = GetDims(q, &g); e.failure()) return e;
+  Rope rope;
+  if (auto e = GetRope(rotary, cos, sin, g, &rope); e.failure()) return e;
+  for (auto* x : {&k, &v})
+    if (auto e = SameShape(q, *x); e.failure()) return e;
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
   const int64_t T = g.t, Tp = g.tp, D = g.d, stride = T * g.h * D;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
@@ -177,35 +251,43 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     float* Q = Scratch(5 * Tp * D + W * Tp + 2 * Tp);
     float *K = Q + Tp * D, *Kt = K + Tp * D, *V = Kt + Tp * D, *O = V + Tp * D, *S = O + Tp * D,
           *M = S + W * Tp, *Lsum = M + Tp;
-    Gather(qp + b * stride, Q, g, hh, scale);
-    Gather(kp + b * stride, K, g, hh, 1.0f);
+    Gather(qp + b * stride, Q, g, hh, scale, rope);
+    Gather(kp + b * stride, K, g, hh, 1.0f, rope);
     Gather(vp + b * stride, V, g, hh, 1.0f);
     Transpose(K, Kt, Tp, D);
     std::fill(O, O + Tp * D, 0.0f);
     float* L = lp + item * T;
     for (int64_t i0 = 0; i0 < Tp; i0 += W) {
       const int64_t n = i0 + W;  // columns [0, n) are computed for this row block
-      for (int64_t j0 = 0; j0 < n; j0 += W) {
-        float tile[W * W] __attribute__((aligned(64)));
-        TileABt(Q + i0 * D, Kt + j0, Tp, D, tile);
-        for (int r = 0; r < W; ++r) Store(S + r * Tp + j0, Load(tile + r * W));
-      }
+      for (int64_t j0 = 0; j0 < n; j0 += W) TileABt(Q + i0 * D, Kt + j0, Tp, D, S + j0, Tp);
       for (int r = 0; r < W; ++r) {
         float* s = S + r * Tp;
-        const int64_t len = i0 + r + 1;  // causal: j <= i
-        float m = s[0];
-        for (int64_t j = 1; j < len; ++j) m = std::max(m, s[j]);
-        float l = 0.0f;
-        for (int64_t j = 0; j < len; ++j) {
-          s[j] = fast_exp(s[j] - m);
-          l += s[j];
+        // Causal mask inside the diagonal tile: column i0 + c is allowed for c <= r.
+        const vi16 allowed = kIota <= Splat(static_cast<float>(r));
+        const v16 diag = Load(s + i0);
+        Store(s + i0, allowed ? diag : Splat(-INFINITY));
+        v16 mv = Load(s);
+        for (int64_t j0 = W; j0 < n; j0 += W) {
+          const v16 x = Load(s + j0);
+          mv = x > mv ? x : mv;
         }
-        const float inv = 1.0f / l;
-        for (int64_t j = 0; j < len; ++j) s[j] *= inv;
-        for (int64_t j = len; j < n; ++j) s[j] = 0.0f;
+        const float m = HMax(mv);
+        v16 lv = v16{};
+        for (int64_t j0 = 0; j0 < n; j0 += W) {
+          v16 e = ExpV(Load(s + j0) - m);
+          if (j0 == i0) e = allowed ? e : v16{};
+          Store(s + j0, e);
+          lv += e;
+        }
+        const float l = HSum(lv);
         M[i0 + r] = m + std::log(l);
+        Lsum[i0 + r] = 1.0f / l;
       }
       for (int64_t j0 = 0; j0 < n; j0 += W) TilePB(S + j0, Tp, 1, V + j0 * D, D, O + i0 * D);
+      for (int r = 0; r < W; ++r) {  // normalise the rows once, after the weighted sum
+        float* orow = O + (i0 + r) * D;
+        for (int64_t c = 0; c < D; ++c) orow[c] *= Lsum[i0 + r];
+      }
     }
     for (int64_t i = 0; i < T; ++i) L[i] = M[i];
     Scatter(O, op + b * stride, g, hh, 1.0f);
@@ -214,11 +296,17 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 }
 
 ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                   ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                   ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+                   ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                   int32_t rotary) {
   Dims g;
   if (auto e = GetDims(q, &g); e.failure()) return e;
+  Rope rope;
+  if (auto e = GetRope(rotary, cos, sin, g, &rope); e.failure()) return e;
+  for (auto* x : {&k, &v, &o, &dout})
+    if (auto e = SameShape(q, *x); e.failure()) return e;
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.d));
   const int64_t T = g.t, Tp = g.tp, D = g.d, stride = T * g.h * D;
   ParallelFor(pool, g.batch * g.h, [&](int64_t item) {
@@ -228,8 +316,8 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
           *tmp = dO + Tp * D, *dQ = tmp + Tp * D, *dK = dQ + Tp * D, *dV = dK + Tp * D,
           *L = dV + Tp * D, *delta = L + Tp;
     const int64_t off = b * stride;
-    Gather(q.typed_data() + off, Q, g, hh, scale);
-    Gather(k.typed_data() + off, K, g, hh, 1.0f);
+    Gather(q.typed_data() + off, Q, g, hh, scale, rope);
+    Gather(k.typed_data() + off, K, g, hh, 1.0f, rope);
     Transpose(K, Kt, Tp, D);
     Gather(v.typed_data() + off, tmp, g, hh, 1.0f);
     Transpose(tmp, Vt, Tp, D);
@@ -247,24 +335,21 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     float dS[W * W] __attribute__((aligned(64)));
     for (int64_t i0 = 0; i0 < Tp; i0 += W) {
       for (int64_t j0 = 0; j0 <= i0; j0 += W) {
-        TileABt(Q + i0 * D, Kt + j0, Tp, D, P);
-        TileABt(dO + i0 * D, Vt + j0, Tp, D, dS);
+        TileABt(Q + i0 * D, Kt + j0, Tp, D, P, W);
+        TileABt(dO + i0 * D, Vt + j0, Tp, D, dS, W);
         for (int r = 0; r < W; ++r) {
-          const float li = L[i0 + r], di = delta[i0 + r];
-          const int64_t lim = i0 + r - j0;  // columns c <= lim are allowed
-          for (int c = 0; c < W; ++c) {
-            const float p = c <= lim ? fast_exp(P[r * W + c] - li) : 0.0f;
-            P[r * W + c] = p;
-            dS[r * W + c] = p * (dS[r * W + c] - di);
-          }
+          v16 p = ExpV(Load(P + r * W) - L[i0 + r]);
+          if (j0 == i0) p = kIota <= Splat(static_cast<float>(r)) ? p : v16{};  // causal
+          Store(P + r * W, p);
+          Store(dS + r * W, p * (Load(dS + r * W) - delta[i0 + r]));
         }
         TilePB(P, 1, W, dO + i0 * D, D, dV + j0 * D);   // dV[j] += sum_r P[r][j] dO[r]
         TilePB(dS, 1, W, Q + i0 * D, D, dK + j0 * D);   // dK[j] += sum_r dS[r][j] Qs[r]
         TilePB(dS, W, 1, K + j0 * D, D, dQ + i0 * D);   // dQ[r] += sum_j dS[r][j] K[j]
       }
     }
-    Scatter(dQ, dq->typed_data() + off, g, hh, scale);
-    Scatter(dK, dk->typed_data() + off, g, hh, 1.0f);
+    Scatter(dQ, dq->typed_data() + off, g, hh, scale, rope);
+    Scatter(dK, dk->typed_data() + off, g, hh, 1.0f, rope);
     Scatter(dV, dv->typed_data() + off, g, hh, 1.0f);
   });
   return ffi::Error::Success();
@@ -275,21 +360,27 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StackopsAttnFwd, FwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // log-sum-exp
+                                  .Attr<int32_t>("rotary"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StackopsAttnBwd, BwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // log-sum-exp
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d q
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d k
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d v
+                                  .Attr<int32_t>("rotary"));
