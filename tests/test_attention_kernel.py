@@ -60,6 +60,13 @@ def test_kernel_matches_xla_attention_and_its_gradients(b, t, h, dh, rotary, see
         np.testing.assert_allclose(g, r, atol=5e-5, rtol=1e-4)
 
 
+def test_kernel_on_long_sequences_and_wide_heads():
+    # Many tiles per row (T=200 is not a multiple of 16) and the gpu preset's head width.
+    got, want = _both(*_qkvw(jax.random.key(7), (2, 200, 2, 64)), True)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+
+
 def test_kernel_is_causal():
     q, k, v, _ = _qkvw(jax.random.key(0), (1, 20, 2, 16))
     changed = v.at[:, 10:].set(100.0)  # the future must not leak into earlier positions
@@ -164,6 +171,14 @@ def test_build_without_a_compiler_is_a_clear_error_and_auto_falls_back(tmp_path,
     assert got == ("xla", None)
     with pytest.raises(KernelUnavailable):
         resolve_attention("cpu-kernel", compute_dtype="float32", head_dim=32, mesh=make_mesh())
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("CXX", "g++")
+    with pytest.raises(KernelUnavailable, match="STACKOPS_KERNEL_CACHE"):
+        build_kernel(blocker / "cache")
 
 
 def test_failed_build_reports_the_compiler_output_and_leaves_no_file(tmp_path, monkeypatch):

@@ -106,8 +106,9 @@ def build_kernel(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
     **Returns:** the path of the shared library.
 
-    **Raises:** [`KernelUnavailable`][] when no C++ compiler is found (set `$CXX`) or
-    compilation fails (the compiler's message is included).
+    **Raises:** [`KernelUnavailable`][] when no C++ compiler is found (set `$CXX`), the
+    cache directory is not writable, or compilation fails (the compiler's message is
+    included).
 
     Concurrent builds (two processes of one run) are safe: each compiles to a temporary
     file and renames it into place.
@@ -139,8 +140,14 @@ def build_kernel(cache_dir: str | os.PathLike[str] | None = None) -> Path:
             f"No C++ compiler {cxx!r} on PATH to build the CPU attention kernel: install g++ "
             "(or set $CXX), or set attention='xla'."
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    except OSError as e:
+        raise KernelUnavailable(
+            f"Cannot write the CPU attention kernel to {out_dir} ({e}): point "
+            "$STACKOPS_KERNEL_CACHE at a writable directory, or set attention='xla'."
+        ) from e
     os.close(fd)
     cmd = [compiler, *CXXFLAGS, "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
     cmd += [str(SOURCE), "-o", tmp]
