@@ -87,21 +87,17 @@ def test_harness_docstring_examples_run(module, tmp_path, monkeypatch):
 
     mod = importlib.import_module(f"harness.{module}")
     monkeypatch.chdir(tmp_path)
-    blocks = []
     names = getattr(mod, "__all__", None) or [
         n
         for n, o in vars(mod).items()
         if not n.startswith("_") and getattr(o, "__module__", None) == mod.__name__
     ]
+    ran = 0
     for name in names:
-        obj = getattr(mod, name)
-        docs = [inspect.getdoc(obj) or ""]
-        if inspect.isclass(obj):
-            for _, member in inspect.getmembers(obj):
-                if getattr(member, "__qualname__", "").startswith(obj.__name__ + "."):
-                    docs.append(inspect.getdoc(member) or "")
-        blocks += [(name, textwrap.dedent(b)) for d in docs for b in FENCE.findall(d)]
-    for name, block in blocks:
-        exec(
-            compile(block, f"harness.{module}.{name}", "exec"), {**vars(mod), "__name__": "__doc__"}
-        )
+        for block in _examples(getattr(mod, name)):
+            exec(
+                compile(block, f"harness.{module}.{name}", "exec"),
+                {**vars(mod), "__name__": "__doc__"},
+            )
+            ran += 1
+    assert ran > 0, f"harness.{module} has no docstring examples"
