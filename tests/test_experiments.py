@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -141,9 +143,10 @@ def test_bench_train_step_section_runs_on_a_tiny_model(capsys):
         ["--preset", "smoke", "--quick", "--skip", "compile,stages,run", "--threads", "1"]
     )
     steps = out["steps"]
-    assert "jax: harness step, unrolled, cpu-kernel attention" in steps
     assert "jax: harness step, unrolled, xla attention" in steps
-    assert steps["kernel_speedup"] > 0
+    if shutil.which(os.environ.get("CXX", "g++")):  # the CPU kernel can be built
+        assert "jax: harness step, unrolled, cpu-kernel attention" in steps
+        assert steps["kernel_speedup"] > 0
     assert all(v["ms"] > 0 for k, v in steps.items() if isinstance(v, dict))
     assert np.isfinite(steps["attention_core_ms"])
     printed = capsys.readouterr().out

@@ -72,6 +72,9 @@ class KernelUnavailable(RuntimeError):
     """The CPU attention kernel cannot be built or loaded here (the message says why)."""
 
 
+_failed: KernelUnavailable | None = None  # set after a failed build: not retried
+
+
 def _cpu_signature() -> str:
     """Identifies the CPU model and features a `-march=native` build is valid for."""
     info = platform.machine() + platform.processor()
@@ -167,15 +170,21 @@ def build_kernel(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def _load() -> None:
     """Build (if needed) and register the kernel's FFI targets, once per process."""
-    global _loaded
+    global _loaded, _failed
     with _lock:
         if _loaded is not None:
             return
-        path = build_kernel()
+        if _failed is not None:  # do not rebuild (seconds) at every stage of a run
+            raise _failed
         try:
-            lib = ctypes.cdll.LoadLibrary(str(path))
-        except OSError as e:
-            raise KernelUnavailable(f"Cannot load the CPU attention kernel {path}: {e}") from e
+            path = build_kernel()
+            try:
+                lib = ctypes.cdll.LoadLibrary(str(path))
+            except OSError as e:
+                raise KernelUnavailable(f"Cannot load the CPU attention kernel {path}: {e}") from e
+        except KernelUnavailable as e:
+            _failed = e
+            raise
         jax.ffi.register_ffi_target(
             _FWD_TARGET, jax.ffi.pycapsule(lib.StackopsAttnFwd), platform="cpu"
         )
