@@ -36,13 +36,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if "--single-thread" in sys.argv:
-    # Must happen before JAX starts: one thread for XLA, as for PyTorch. On a shared
-    # machine a single-threaded comparison is far less disturbed by other processes
-    # (PyTorch's OpenMP threads suffer most when a core is taken).
+    # Must happen before JAX starts: one core for XLA, as for PyTorch. On a shared
+    # machine a single-core comparison is far less disturbed by other processes
+    # (PyTorch's OpenMP threads suffer most when a core is taken). XLA's flags alone no
+    # longer limit its thread pool (jax 0.10), so the process (and the PyTorch processes
+    # it starts) is pinned to one core; XLA sizes its pool from that affinity.
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
         + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     ).strip()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -618,7 +622,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument(
-        "--single-thread", action="store_true", help="one thread for XLA and for PyTorch"
+        "--single-thread", action="store_true", help="one core (pinned) for XLA and for PyTorch"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument(
