@@ -46,6 +46,7 @@ from jaxtyping import Array, Float
 
 from stackops.models import AttentionFn
 
+from .config import ATTENTION_CHOICES
 from .sharding import DATA_AXIS
 
 __all__ = [
@@ -57,7 +58,7 @@ __all__ = [
     "resolve_attention",
 ]
 
-ATTENTION_IMPLS = ("auto", "xla", "cpu-kernel")
+ATTENTION_IMPLS = ATTENTION_CHOICES  # one list, kept where the config validates it
 SOURCE = Path(__file__).with_name("kernels") / "causal_attention.cc"
 CXXFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c++17")
 TILE = 16  # the kernel's tile: head dimensions must be a multiple of it

@@ -33,7 +33,7 @@ __all__ = [
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPT_POLICIES = ("copy", "zero", "init")
-ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel")  # harness.attention.ATTENTION_IMPLS
+ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel")  # attention cores, see harness.attention
 
 
 @dataclasses.dataclass(frozen=True)
