@@ -1,57 +1,10 @@
 """Evaluate the reasoning primitives on a checkpoint: k-shot in context and fine-tuned on 64.
 
-    python experiments/eval_primitives.py runs/midas-default/midas-seed0
-    python experiments/eval_primitives.py RUN_DIR --step 900 --tasks math,varassign_d0 --no-finetune
-
-Prints a table and writes `primitives-stepN.json` into the run directory.
+A thin wrapper around `stackops_harness.cli.eval_primitives`, which is also installed as the
+`stackops-eval-primitives` command; `--help` lists the options.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
-    p.add_argument("--n-eval", type=int, default=100)
-    p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--ft-steps", type=int, default=40)
-    p.add_argument("--ft-runs", type=int, default=3)
-    p.add_argument("--no-finetune", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-
-    from harness import primitives as P
-    from harness import reasoning as R
-    from harness.checkpoint import load_checkpoint
-    from harness.report import markdown_table
-
-    model, config, manifest = load_checkpoint(args.run_dir, args.step)
-    tasks = tuple(args.tasks.split(",")) if args.tasks else P.TASKS
-    cfg = R.PrimitiveEvalConfig(
-        tasks=tasks, n_eval=args.n_eval, shots=args.shots, max_len=config.seq_len,
-        ft_steps=args.ft_steps, ft_runs=args.ft_runs,
-    )
-    few = R.few_shot_accuracy(model, cfg, seed=args.seed)
-    ft = {} if args.no_finetune else R.finetune_accuracy(model, cfg, seed=args.seed)
-    rows = []
-    for t in tasks:
-        ft_cell = f"{ft[t]['mean']:.3f} ± {ft[t]['std']:.3f}" if t in ft else "–"
-        rows.append([t, f"{few[t]:.3f}", ft_cell, f"{P.chance_accuracy(t):.3f}"])
-    print(f"{args.run_dir} step {manifest['step']} (depth {model.depth}, method {config.method})")
-    print(markdown_table(["task", f"{args.shots}-shot", f"FT-{cfg.ft_examples}", "chance"], rows))
-    out = {"step": manifest["step"], "fewshot": few, "finetune": ft, "config": vars(args) | {"run_dir": str(args.run_dir)}}
-    (args.run_dir / f"primitives-step{manifest['step']}.json").write_text(json.dumps(out, indent=2, default=str))
-    return out
-
+from stackops_harness.cli.eval_primitives import entry
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(entry())

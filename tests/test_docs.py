@@ -22,6 +22,9 @@ def _doc_pages():
 
 @pytest.mark.parametrize("page", _doc_pages(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_docs_page_examples_run(page):
+    if "stackops_harness" in page.read_text():
+        # Pages about the harness need the experiments extra (CI installs it).
+        pytest.importorskip("grain", reason="the page uses the harness: needs the experiments extra")
     namespace: dict = {"__name__": "__docs__"}
     for block in FENCE.findall(page.read_text()):
         exec(compile(textwrap.dedent(block), str(page), "exec"), namespace)
@@ -59,45 +62,3 @@ def test_every_public_function_and_class_has_a_docstring_with_an_example():
         if not _examples(obj):
             missing.append(name)
     assert not missing, f"public names without a runnable example: {missing}"
-
-
-# harness.data and harness.primitives write doctest-style examples, which test_data.py and
-# test_primitives.py run with `doctest.testmod`.
-HARNESS_MODULES = [
-    "attention",
-    "checkpoint",
-    "config",
-    "corpus",
-    "evaluate",
-    "methods",
-    "metrics",
-    "reasoning",
-    "report",
-    "sharding",
-    "state",
-    "trainer",
-]
-
-
-@pytest.mark.parametrize("module", HARNESS_MODULES)
-def test_harness_docstring_examples_run(module, tmp_path, monkeypatch):
-    """The harness is meant to be copied: its examples must run too (in the module's
-    namespace, as they are written, from a scratch directory)."""
-    import importlib
-
-    mod = importlib.import_module(f"harness.{module}")
-    monkeypatch.chdir(tmp_path)
-    names = getattr(mod, "__all__", None) or [
-        n
-        for n, o in vars(mod).items()
-        if not n.startswith("_") and getattr(o, "__module__", None) == mod.__name__
-    ]
-    ran = 0
-    for name in names:
-        for block in _examples(getattr(mod, name)):
-            exec(
-                compile(block, f"harness.{module}.{name}", "exec"),
-                {**vars(mod), "__name__": "__doc__"},
-            )
-            ran += 1
-    assert ran > 0, f"harness.{module} has no docstring examples"

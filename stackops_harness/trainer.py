@@ -3,7 +3,7 @@
 [`train`][] is the whole harness as one call; [`Trainer`][] is the same with the steps
 exposed. A run
 
-1. resolves the growth schedule (`harness.methods`) and dry-runs it on the abstract model,
+1. resolves the growth schedule (`stackops_harness.methods`) and dry-runs it on the abstract model,
    so a method that cannot grow this model fails before any work;
 2. builds the mesh, the token files (the Python standard library by default), the grain
    iterator and the fixed validation batches;
@@ -51,6 +51,7 @@ from .config import TrainConfig, config_to_dict
 from .evaluate import EvalSet, make_eval_step
 from .methods import GrowthSchedule, growth_schedule
 from .metrics import Clock, MetricsLog, Progress, read_metrics
+from .paths import data_root
 from .sharding import batch_sharding, check_divisible, make_mesh, shard_rows
 from .state import (
     Skeleton,
@@ -64,10 +65,7 @@ from .state import (
     skeleton,
 )
 
-__all__ = ["EvalHook", "TrainResult", "Trainer", "train", "prepare_data", "DEFAULT_DATA_DIR"]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT / "data" / "stdlib"
+__all__ = ["EvalHook", "TrainResult", "Trainer", "train", "prepare_data"]
 
 EvalHook = Callable[[int, Any, dict[str, Any]], "Mapping[str, Any] | None"]
 """`on_eval(step, model, record)`: called at every evaluation with the current model (after
@@ -115,8 +113,8 @@ def prepare_data(config: TrainConfig) -> Path:
         import tempfile
         from pathlib import Path
         import numpy as np
-        from harness import data
-        from harness.config import preset
+        from stackops_harness import data
+        from stackops_harness.config import preset
 
         d = tempfile.mkdtemp()
         data.write_tokens(f"{d}/train.bin", np.arange(1000) % 256)
@@ -130,11 +128,11 @@ def prepare_data(config: TrainConfig) -> Path:
         if missing:
             raise FileNotFoundError(
                 f"TrainConfig.data_dir={config.data_dir!r} has no {' or '.join(missing)}; build "
-                f"token files with `python experiments/build_tokens.py --out {config.data_dir}` "
+                f"token files with `stackops-build-tokens --out {config.data_dir}` "
                 "(add --src DIR for your own text)."
             )
         return path
-    path = DEFAULT_DATA_DIR
+    path = data_root() / "stdlib"
     ready = lambda: (path / "train.bin").is_file() and (path / "val.bin").is_file()
     if not ready() and jax.process_index() == 0:
         data.build_token_files(data.default_corpus_files(), path)
@@ -220,7 +218,7 @@ class Trainer:
 
     **Arguments:**
 
-    - `config`: the [`TrainConfig`][harness.config.TrainConfig].
+    - `config`: the [`TrainConfig`][stackops_harness.config.TrainConfig].
     - `run_dir`: where `config.json`, `metrics.jsonl` and `checkpoints/` go.
     - `op`: with `config.method="custom"`, any `stackops` operator (used at every stage
       boundary) or a sequence of `stages - 1` operators, one per boundary.
@@ -231,7 +229,7 @@ class Trainer:
 
         ```python
         import stackops as so
-        from harness.config import preset
+        from stackops_harness.config import preset
 
         def train_interpolated(run_dir):
             cfg = preset("smoke", method="custom")
@@ -653,7 +651,7 @@ def train(
 
     **Arguments:**
 
-    - `config`: a [`TrainConfig`][harness.config.TrainConfig] (e.g. `preset("smoke")`).
+    - `config`: a [`TrainConfig`][stackops_harness.config.TrainConfig] (e.g. `preset("smoke")`).
     - `run_dir`: the run directory (created if needed).
     - `op`: with `method="custom"`, any `stackops` operator, or one per boundary.
     - `on_eval`: hook(s) `on_eval(step, model, record) -> dict | None` called at every
@@ -668,8 +666,8 @@ def train(
     !!! Example
 
         ```python
-        from harness.config import preset
-        from harness.trainer import train
+        from stackops_harness.config import preset
+        from stackops_harness.trainer import train
 
         def smoke_midas(run_dir):
             result = train(preset("smoke", method="midas"), run_dir)

@@ -5,24 +5,14 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from harness.checkpoint import (  # noqa: E402
-    Checkpointer,
-    CheckpointError,
-    CheckpointMismatchError,
-    load_checkpoint,
-)
-from harness.trainer import train  # noqa: E402
-from harness_support import (  # noqa: E402
-    EXPERIMENTS,
+import numpy as np
+import pytest
+from harness_support import (
     ROOT,
+    TRAIN_CMD,
     other_device_count,
     params_of,
     reference_run,
@@ -35,6 +25,14 @@ from harness_support import (  # noqa: E402
     val_losses,
 )
 
+from stackops_harness.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointMismatchError,
+    load_checkpoint,
+)
+from stackops_harness.trainer import train
+
 
 def test_sigkill_at_random_moments_then_resume_gives_the_same_run(tmp_path):
     """A real training process is killed (SIGKILL) at seeded random moments, in whatever it
@@ -44,8 +42,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_run(tmp_path):
     out = tmp_path / "killed"
     metrics = out / "metrics.jsonl"
     cmd = [
-        sys.executable,
-        str(EXPERIMENTS / "train.py"),
+        *TRAIN_CMD,
         *smoke_cli_args(out),
         "--devices",
         str(other_device_count()),

@@ -20,7 +20,7 @@ def tiny_model():
 
 
 def test_layer_similarity_sees_midas_copies_as_identical(tiny_model):
-    from harness.reasoning import layer_similarity
+    from stackops_harness.reasoning import layer_similarity
 
     grown = so.grow(tiny_model, so.middle_stack(block=1), where=lambda m: m.blocks)
     sim = layer_similarity(grown.blocks)
@@ -33,7 +33,7 @@ def test_layer_similarity_sees_midas_copies_as_identical(tiny_model):
 
 
 def test_few_shot_and_finetune_evaluations_return_accuracies(tiny_model):
-    from harness.reasoning import PrimitiveEvalConfig, few_shot_accuracy, finetune_accuracy
+    from stackops_harness.reasoning import PrimitiveEvalConfig, few_shot_accuracy, finetune_accuracy
 
     cfg = PrimitiveEvalConfig(
         tasks=("math", "varassign_d0"), n_eval=6, max_len=64, ft_steps=2, ft_runs=2, ft_batch=4
@@ -46,16 +46,16 @@ def test_few_shot_and_finetune_evaluations_return_accuracies(tiny_model):
 
 
 def test_informed_guess_is_above_uniform_chance_where_candidates_are_visible():
-    from harness.primitives import chance_accuracy
-    from harness.reasoning import informed_guess_accuracy
+    from stackops_harness.primitives import chance_accuracy
+    from stackops_harness.reasoning import informed_guess_accuracy
 
     for task in ("varassign_d0", "varassign_d2", "induction"):
         assert informed_guess_accuracy(task, n_eval=50) > chance_accuracy(task)
 
 
 def test_mixed_corpus_has_the_requested_synthetic_share_and_real_validation(tmp_path):
-    from harness import data
-    from harness.corpus import build_mixed_corpus
+    from stackops_harness import data
+    from stackops_harness.corpus import build_mixed_corpus
 
     meta = build_mixed_corpus(tmp_path, max_mb=0.3, synthetic_fraction=0.4)
     assert 0.35 < meta["synthetic_fraction_actual"] < 0.45
@@ -66,8 +66,8 @@ def test_mixed_corpus_has_the_requested_synthetic_share_and_real_validation(tmp_
 
 
 def test_mixed_corpus_follows_task_weights_and_copy_share(tmp_path):
-    from harness import data
-    from harness.corpus import build_mixed_corpus
+    from stackops_harness import data
+    from stackops_harness.corpus import build_mixed_corpus
 
     weights = {"math": 3.0, "varassign_d1": 1.0}
     meta = build_mixed_corpus(
@@ -96,7 +96,7 @@ def test_mixed_corpus_follows_task_weights_and_copy_share(tmp_path):
     ],
 )
 def test_mixed_corpus_rejects_bad_settings(tmp_path, kwargs, match):
-    from harness.corpus import build_mixed_corpus
+    from stackops_harness.corpus import build_mixed_corpus
 
     with pytest.raises(ValueError, match=match):
         build_mixed_corpus(tmp_path, max_mb=0.1, **kwargs)
@@ -104,7 +104,7 @@ def test_mixed_corpus_rejects_bad_settings(tmp_path, kwargs, match):
 
 
 def test_corpus_dir_depends_on_every_setting():
-    from harness.corpus import MIX, corpus_dir
+    from stackops_harness.corpus import MIX, corpus_dir
 
     a = corpus_dir("data", dict(MIX, max_mb=20.0))
     assert a == corpus_dir("data", dict(max_mb=20.0, **MIX))  # key order does not matter
@@ -113,7 +113,7 @@ def test_corpus_dir_depends_on_every_setting():
 
 
 def test_midas_smoke_run_writes_report_plots_and_results(tmp_path):
-    import midas
+    from stackops_harness.cli import midas
 
     summary = midas.main(
         ["--preset", "smoke", "--no-finetune", "--no-progress", "--out", str(tmp_path)]
@@ -137,7 +137,7 @@ def test_midas_smoke_run_writes_report_plots_and_results(tmp_path):
 
 
 def test_bench_train_step_section_runs_on_a_tiny_model(capsys):
-    import bench_train
+    from stackops_harness.cli import bench_train
 
     out = bench_train.main(
         ["--preset", "smoke", "--quick", "--skip", "compile,stages,run", "--threads", "1"]

@@ -1,18 +1,10 @@
 """The training loop end to end: a stagewise smoke run, resume equivalence, hooks, methods."""
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from harness.checkpoint import load_checkpoint  # noqa: E402
-from harness.config import config_to_dict  # noqa: E402
-from harness.metrics import read_metrics  # noqa: E402
-from harness.trainer import train  # noqa: E402
-from harness_support import (  # noqa: E402
+import numpy as np
+import pytest
+from harness_support import (
     params_of,
     reference_run,
     smoke,
@@ -20,8 +12,12 @@ from harness_support import (  # noqa: E402
     val_losses,
 )
 
-import stackops as so  # noqa: E402
-from stackops.models import flops_per_token  # noqa: E402
+import stackops as so
+from stackops.models import flops_per_token
+from stackops_harness.checkpoint import load_checkpoint
+from stackops_harness.config import config_to_dict
+from stackops_harness.metrics import read_metrics
+from stackops_harness.trainer import train
 
 
 def test_smoke_run_grows_through_every_stage_and_logs_it():
@@ -50,7 +46,7 @@ def test_smoke_run_grows_through_every_stage_and_logs_it():
 
     # Cumulative tokens and FLOPs counted from the architecture at each stage.
     assert train_recs[-1]["tokens"] == 40 * cfg.global_batch * cfg.seq_len
-    from harness.state import lm_config
+    from stackops_harness.state import lm_config
 
     expected = sum(
         n * cfg.tokens_per_step * flops_per_token(lm_config(cfg, d), d, cfg.seq_len)
@@ -159,9 +155,10 @@ def test_looped_method_trains_a_weight_tied_model(tmp_path):
 
 
 def test_evaluate_model_scores_a_loaded_model_like_the_run_did():
-    from harness import data
-    from harness.evaluate import evaluate_model
     from harness_support import token_dir
+
+    from stackops_harness import data
+    from stackops_harness.evaluate import evaluate_model
 
     result, _ = reference_run()
     cfg = result.config
@@ -174,7 +171,7 @@ def test_evaluate_model_scores_a_loaded_model_like_the_run_did():
 
 
 def test_bf16_compute_gives_a_close_float32_loss():
-    from harness.evaluate import next_token_loss
+    from stackops_harness.evaluate import next_token_loss
 
     result, _ = reference_run()
     tokens = np.random.default_rng(0).integers(0, 256, (2, 33)).astype(np.int32)

@@ -1,7 +1,7 @@
 """The training state: model and optimizer, built sharded, grown, stepped.
 
 The state is `(params, opt_state)`: the model's arrays and the optax state, both sharded by
-[`harness.sharding.fsdp_shardings`][]; the model's non-array part (`static`, which holds
+[`stackops_harness.sharding.fsdp_shardings`][]; the model's non-array part (`static`, which holds
 the depth and a looped stack's routing) stays on the host. The functions here
 
 - build the model at any stage *abstractly* (`eqx.filter_eval_shape`: no memory, no
@@ -60,7 +60,7 @@ def blocks(model: Any) -> Any:
         ```python
         import jax
         import stackops as so
-        from harness.config import preset
+        from stackops_harness.config import preset
 
         model = build_model(preset("smoke"), jax.random.key(0), 1)
         assert so.grow(model, so.middle_stack(block=1), where=blocks).depth == 2
@@ -90,7 +90,7 @@ def lm_config(config: TrainConfig, depth: int) -> LMConfig:
     !!! Example
 
         ```python
-        from harness.config import preset
+        from stackops_harness.config import preset
 
         assert lm_config(preset("smoke"), 1).n_layers == 1
         ```
@@ -117,7 +117,7 @@ def build_model(config: TrainConfig, key: jax.Array, depth: int) -> DecoderLM:
 
         ```python
         import jax
-        from harness.config import preset
+        from stackops_harness.config import preset
 
         model = build_model(preset("smoke"), jax.random.key(0), 1)
         assert model.depth == 1
@@ -148,7 +148,7 @@ def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, o
     !!! Example
 
         ```python
-        from harness.config import preset
+        from stackops_harness.config import preset
 
         opt, schedule = make_optimizer(preset("smoke"))
         assert float(schedule(0)) == 0.0
@@ -192,9 +192,9 @@ class Skeleton:
     !!! Example
 
         ```python
-        from harness.config import preset
-        from harness.methods import growth_schedule
-        from harness.sharding import make_mesh
+        from stackops_harness.config import preset
+        from stackops_harness.methods import growth_schedule
+        from stackops_harness.sharding import make_mesh
 
         cfg = preset("smoke")
         sk = skeleton(cfg, growth_schedule(cfg), 1, make_mesh(), make_optimizer(cfg)[0])
@@ -238,9 +238,9 @@ def skeleton(
     !!! Example
 
         ```python
-        from harness.config import preset
-        from harness.methods import growth_schedule
-        from harness.sharding import make_mesh
+        from stackops_harness.config import preset
+        from stackops_harness.methods import growth_schedule
+        from stackops_harness.sharding import make_mesh
 
         cfg = preset("smoke")
         sk = skeleton(cfg, growth_schedule(cfg), 2, make_mesh(), make_optimizer(cfg)[0])
@@ -278,8 +278,8 @@ def check_schedule(config: TrainConfig, schedule: GrowthSchedule) -> tuple[int, 
     !!! Example
 
         ```python
-        from harness.config import preset
-        from harness.methods import growth_schedule
+        from stackops_harness.config import preset
+        from stackops_harness.methods import growth_schedule
 
         cfg = preset("smoke")
         assert check_schedule(cfg, growth_schedule(cfg)) == (1, 2, 3, 4)
@@ -324,9 +324,9 @@ def init_state(
     !!! Example
 
         ```python
-        from harness.config import preset
-        from harness.methods import growth_schedule
-        from harness.sharding import make_mesh
+        from stackops_harness.config import preset
+        from stackops_harness.methods import growth_schedule
+        from stackops_harness.sharding import make_mesh
 
         cfg = preset("smoke")
         schedule, (optimizer, _) = growth_schedule(cfg), make_optimizer(cfg)
@@ -362,9 +362,9 @@ def grow_state(
     !!! Example
 
         ```python
-        from harness.config import preset
-        from harness.methods import growth_schedule
-        from harness.sharding import make_mesh
+        from stackops_harness.config import preset
+        from stackops_harness.methods import growth_schedule
+        from stackops_harness.sharding import make_mesh
 
         cfg, mesh = preset("smoke"), make_mesh()
         schedule, (optimizer, _) = growth_schedule(cfg), make_optimizer(cfg)
@@ -401,8 +401,8 @@ def run_attention(config: TrainConfig, mesh: Mesh) -> tuple[str, AttentionFn | N
     !!! Example
 
         ```python
-        from harness.config import preset
-        from harness.sharding import make_mesh
+        from stackops_harness.config import preset
+        from stackops_harness.sharding import make_mesh
 
         name, fn = run_attention(preset("smoke", attention="xla"), make_mesh())
         assert (name, fn) == ("xla", None)
@@ -424,7 +424,7 @@ def make_train_step(
 ) -> Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]:
     """The jitted train step of one stage: `(params, opt_state, tokens) -> (params,
     opt_state, {"loss", "grad_norm"})`, donating the old state. The attention core is
-    the one `config.attention` resolves to on `mesh` (`harness.attention`).
+    the one `config.attention` resolves to on `mesh` (`stackops_harness.attention`).
 
     Call `.lower(sk.params, sk.opt_state, tokens_spec).compile()` on it to compile ahead of
     time (and time compilation apart from training).
@@ -433,9 +433,9 @@ def make_train_step(
 
         ```python
         import numpy as np
-        from harness.config import preset
-        from harness.methods import growth_schedule
-        from harness.sharding import make_mesh, shard_rows
+        from stackops_harness.config import preset
+        from stackops_harness.methods import growth_schedule
+        from stackops_harness.sharding import make_mesh, shard_rows
 
         cfg, mesh = preset("smoke"), make_mesh()
         schedule, (optimizer, _) = growth_schedule(cfg), make_optimizer(cfg)

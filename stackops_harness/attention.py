@@ -344,7 +344,7 @@ def resolve_attention(
     !!! Example
 
         ```python
-        from harness.sharding import make_mesh
+        from stackops_harness.sharding import make_mesh
 
         name, fn = resolve_attention("xla", compute_dtype="float32", head_dim=32,
                                      mesh=make_mesh())

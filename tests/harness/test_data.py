@@ -1,19 +1,17 @@
-"""Tests of experiments/harness/data.py: tokenizer, token files, corpus, grain pipeline."""
+"""Tests of stackops_harness/data.py: tokenizer, token files, corpus, grain pipeline."""
 
 import doctest
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import build_tokens  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from harness import data  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from stackops_harness import data
+from stackops_harness.cli import build_tokens
 
 # --------------------------------------------------------------------------- tokenizer
 

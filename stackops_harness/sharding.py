@@ -189,7 +189,7 @@ def shard_rows(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
     """A global array split by rows over the data axis, from this process's rows.
 
     Process `p` of `P` passes rows `[p * local, (p + 1) * local)` of the global batch
-    (what `harness.data.make_train_iter` yields); with one process, the whole batch.
+    (what `stackops_harness.data.make_train_iter` yields); with one process, the whole batch.
 
     !!! Example
 

@@ -1,18 +1,15 @@
-"""Tests of experiments/harness/primitives.py: task generators and model-agnostic evals."""
+"""Tests of stackops_harness/primitives.py: task generators and model-agnostic evals."""
 
 import doctest
 import re
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from harness import data, primitives  # noqa: E402
-from harness.primitives import Example  # noqa: E402
+from stackops_harness import data, primitives
+from stackops_harness.primitives import Example
 
 # --------------------------------------------------------------------------- checkers
 # Independent re-implementations: they parse the prompt text and recompute the answer.

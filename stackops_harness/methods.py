@@ -130,7 +130,7 @@ def method_operator(config: TrainConfig) -> so.AbstractGrowth | None:
 
         ```python
         import stackops
-        from harness.config import preset
+        from stackops_harness.config import preset
 
         op = method_operator(preset("smoke", method="gradstack"))
         assert op == stackops.last_stack(block=1)
@@ -162,7 +162,7 @@ class GrowthSchedule:
     !!! Example
 
         ```python
-        from harness.config import preset
+        from stackops_harness.config import preset
 
         sched = growth_schedule(preset("smoke"))   # 40 steps, 4 stages, alpha 1
         assert sched.lengths == (4, 8, 12, 16) and sched.starts == (0, 4, 12, 24)
@@ -223,7 +223,7 @@ def growth_schedule(
 
         ```python
         import stackops as so
-        from harness.config import preset
+        from stackops_harness.config import preset
 
         cfg = preset("smoke", method="custom")
         sched = growth_schedule(cfg, op=so.interpolate(block=1, t=0.25))

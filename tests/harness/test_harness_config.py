@@ -1,18 +1,17 @@
 """The training config, growth methods and command line: presets, overrides, bad configs."""
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+from harness_support import run_cli, smoke_cli_args
 
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import train as train_cli  # noqa: E402
-from harness import methods  # noqa: E402
-from harness.config import (  # noqa: E402
+import stackops as so
+from stackops_harness import methods
+from stackops_harness.cli import train as train_cli
+from stackops_harness.config import (
     PRESETS,
     TrainConfig,
     apply_overrides,
@@ -21,11 +20,8 @@ from harness.config import (  # noqa: E402
     config_to_dict,
     preset,
 )
-from harness.methods import growth_schedule, method_operator  # noqa: E402
-from harness.state import build_model, check_schedule  # noqa: E402
-from harness_support import run_cli, smoke_cli_args  # noqa: E402
-
-import stackops as so  # noqa: E402
+from stackops_harness.methods import growth_schedule, method_operator
+from stackops_harness.state import build_model, check_schedule
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -1,4 +1,4 @@
-"""The fused CPU attention kernel (harness.attention) against XLA's attention core."""
+"""The fused CPU attention kernel (stackops_harness.attention) against XLA's attention core."""
 
 import os
 import shutil
@@ -10,20 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from harness import attention as attn_mod
-from harness.attention import (
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding, PartitionSpec
+
+from stackops.models import DecoderLM, LMConfig, causal_attention, rope_tables
+from stackops_harness import attention as attn_mod
+from stackops_harness.attention import (
     KernelUnavailable,
     build_kernel,
     cpu_causal_attention,
     kernel_problem,
     resolve_attention,
 )
-from harness.sharding import make_mesh
-from hypothesis import given
-from hypothesis import strategies as st
-from jax.sharding import NamedSharding, PartitionSpec
-
-from stackops.models import DecoderLM, LMConfig, causal_attention, rope_tables
+from stackops_harness.sharding import make_mesh
 
 # Tests that run the kernel need the C++ compiler that builds it; without one, `auto`
 # falls back to XLA's attention (tested below) and these are skipped.

@@ -165,7 +165,7 @@ def build_mixed_corpus(
 
         ```python
         import tempfile
-        from harness.corpus import build_mixed_corpus
+        from stackops_harness.corpus import build_mixed_corpus
 
         meta = build_mixed_corpus(tempfile.mkdtemp(), max_mb=0.2, synthetic_fraction=0.2)
         assert 0.15 < meta["synthetic_fraction_actual"] < 0.3

@@ -1,16 +1,16 @@
 """FSDP shardings: the rule, direct sharded initialisation, and growth that keeps them."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from harness.config import preset  # noqa: E402
-from harness.methods import growth_schedule  # noqa: E402
-from harness.sharding import (  # noqa: E402
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import stackops as so
+from stackops_harness.config import preset
+from stackops_harness.methods import growth_schedule
+from stackops_harness.sharding import (
     DATA_AXIS,
     batch_sharding,
     check_divisible,
@@ -18,10 +18,7 @@ from harness.sharding import (  # noqa: E402
     make_mesh,
     shard_rows,
 )
-from harness.state import grow_state, init_state, make_optimizer, skeleton  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import stackops as so  # noqa: E402
+from stackops_harness.state import grow_state, init_state, make_optimizer, skeleton
 
 
 def test_fsdp_rule_shards_the_largest_divisible_dimension_never_the_layer_axis():

@@ -1,16 +1,12 @@
 """The same run on another number of devices, and on two processes, gives the same losses."""
 
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import numpy as np  # noqa: E402
-from harness.metrics import read_metrics  # noqa: E402
-from harness_support import (  # noqa: E402
-    EXPERIMENTS,
+import numpy as np
+from harness_support import (
     ROOT,
+    TRAIN_CMD,
     free_port,
     reference_run,
     smoke_cli_args,
@@ -19,6 +15,8 @@ from harness_support import (  # noqa: E402
     train_losses,
     val_losses,
 )
+
+from stackops_harness.metrics import read_metrics
 
 
 def _assert_same_losses(a: Path, b: Path, steps: int = 40) -> None:
@@ -49,8 +47,7 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
     procs = []
     for i in range(2):
         cmd = [
-            sys.executable,
-            str(EXPERIMENTS / "train.py"),
+            *TRAIN_CMD,
             *smoke_cli_args(out, "--stop-after", "12"),
             "--devices",
             "1",

@@ -2,7 +2,7 @@
 
 The loss is the mean next-token cross-entropy (in nats) over every position of a batch of
 rows of `seq_len + 1` tokens: inputs are `tokens[:, :-1]`, targets `tokens[:, 1:]`.
-Validation uses the same fixed batches (`harness.data.make_eval_batches`) for the whole run
+Validation uses the same fixed batches (`stackops_harness.data.make_eval_batches`) for the whole run
 and for every run, so curves compare across methods and stages.
 """
 
@@ -46,7 +46,7 @@ def next_token_loss(
     - `compute_dtype`: `"float32"` or `"bfloat16"` matmuls (logits and loss are float32).
     - `unroll`: blocks per scan iteration; 0 unrolls them all.
     - `attention`: the attention core (`None`: the model's default, XLA's); see
-      `harness.attention.resolve_attention`.
+      `stackops_harness.attention.resolve_attention`.
 
     **Returns:** a float32 scalar, in nats per token.
 
@@ -92,7 +92,7 @@ def make_eval_step(
         ```python
         import equinox as eqx, jax, numpy as np
         from stackops.models import DecoderLM, LMConfig
-        from harness.sharding import fsdp_shardings, make_mesh, shard_rows
+        from stackops_harness.sharding import fsdp_shardings, make_mesh, shard_rows
 
         cfg = LMConfig(d_model=32, n_heads=2, n_layers=1, max_len=8)
         model = DecoderLM(cfg, key=jax.random.key(0))
@@ -122,15 +122,15 @@ class EvalSet:
     **Arguments:**
 
     - `batches`: the global batches (each `(rows, seq_len + 1)`, the same in every process),
-      e.g. from `harness.data.make_eval_batches`.
+      e.g. from `stackops_harness.data.make_eval_batches`.
     - `mesh`: the mesh; each process keeps only its own rows.
 
     !!! Example
 
         ```python
         import numpy as np
-        from harness import data
-        from harness.sharding import make_mesh
+        from stackops_harness import data
+        from stackops_harness.sharding import make_mesh
 
         batches = data.make_eval_batches(np.arange(1000) % 256, seq_len=8, batch=8, num_batches=2)
         evals = EvalSet(batches, make_mesh())
@@ -171,7 +171,7 @@ def evaluate_model(
     - `compute_dtype`, `unroll`: as in training.
     - `mesh`: the mesh to run on (default: all devices).
     - `fsdp_min_size`: as `TrainConfig.fsdp_min_size`.
-    - `attention`: the attention core (`None`: XLA's); see `harness.attention`.
+    - `attention`: the attention core (`None`: XLA's); see `stackops_harness.attention`.
 
     **Returns:** the mean next-token loss in nats.
 
@@ -180,7 +180,7 @@ def evaluate_model(
         ```python
         import jax, numpy as np
         from stackops.models import DecoderLM, LMConfig
-        from harness import data
+        from stackops_harness import data
 
         cfg = LMConfig(d_model=32, n_heads=2, n_layers=1, max_len=8)
         model = DecoderLM(cfg, key=jax.random.key(0))

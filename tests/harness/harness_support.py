@@ -13,17 +13,18 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ROOT / "experiments"
-if str(EXPERIMENTS) not in sys.path:
-    sys.path.insert(0, str(EXPERIMENTS))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from harness import data  # noqa: E402
-from harness.config import preset  # noqa: E402
-from harness.metrics import read_metrics  # noqa: E402
-from harness.trainer import train  # noqa: E402
+from stackops_harness import data
+from stackops_harness.config import preset
+from stackops_harness.metrics import read_metrics
+from stackops_harness.trainer import train
+
+ROOT = Path(__file__).resolve().parents[2]
+# The training command line, as an installed user runs it (`python experiments/train.py` is a
+# thin wrapper around the same module).
+TRAIN_CMD = [sys.executable, "-m", "stackops_harness.cli.train"]
 
 _TMP = Path(tempfile.mkdtemp(prefix="stackops-harness-tests-"))
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
@@ -76,8 +77,8 @@ def reference_run():
 def run_cli(
     args: list[str], *, devices: int | None = None, timeout: float = 240, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run `experiments/train.py` with `args` in a fresh Python process."""
-    cmd = [sys.executable, str(EXPERIMENTS / "train.py"), *args]
+    """Run the training command line with `args` in a fresh Python process."""
+    cmd = [*TRAIN_CMD, *args]
     if devices is not None:
         cmd += ["--devices", str(devices)]
     proc = subprocess.run(

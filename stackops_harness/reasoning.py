@@ -37,7 +37,7 @@ class PrimitiveEvalConfig:
 
     **Arguments:**
 
-    - `tasks`: task names (see `harness.primitives.TASKS`).
+    - `tasks`: task names (see `stackops_harness.primitives.TASKS`).
     - `n_eval`: held-out examples per task (the same set for every model and method).
     - `shots`: in-context examples per prompt (5 in the paper); prompts longer than the
       context are cut from the left, so long tasks may see fewer whole shots.
@@ -97,7 +97,7 @@ def few_shot_accuracy(model: Any, cfg: PrimitiveEvalConfig, *, seed: int = 0) ->
 
         ```python
         import jax
-        from harness.reasoning import PrimitiveEvalConfig, few_shot_accuracy
+        from stackops_harness.reasoning import PrimitiveEvalConfig, few_shot_accuracy
         from stackops.models import DecoderLM, LMConfig
 
         model = DecoderLM(LMConfig(d_model=16, n_heads=2, n_layers=1, max_len=64),
@@ -135,7 +135,7 @@ def finetune_accuracy(
 
         ```python
         import jax
-        from harness.reasoning import PrimitiveEvalConfig, finetune_accuracy
+        from stackops_harness.reasoning import PrimitiveEvalConfig, finetune_accuracy
         from stackops.models import DecoderLM, LMConfig
 
         model = DecoderLM(LMConfig(d_model=16, n_heads=2, n_layers=1, max_len=64),
@@ -190,7 +190,7 @@ def layer_similarity(blocks: Any) -> np.ndarray:
         ```python
         import jax
         import stackops as so
-        from harness.reasoning import layer_similarity
+        from stackops_harness.reasoning import layer_similarity
         from stackops.models import DecoderLM, LMConfig
 
         m = DecoderLM(LMConfig(d_model=16, n_heads=2, n_layers=2), key=jax.random.key(0))
@@ -247,7 +247,7 @@ def informed_guess_accuracy(task: str, n_eval: int = 200, eval_seed: int = 0) ->
     !!! Example
 
         ```python
-        from harness.reasoning import informed_guess_accuracy
+        from stackops_harness.reasoning import informed_guess_accuracy
 
         assert 0.1 < informed_guess_accuracy("varassign_d2", n_eval=50) < 0.5
         ```

@@ -262,8 +262,8 @@ def make_manifest(
     !!! Example
 
         ```python
-        from harness.config import preset
-        from harness.methods import growth_schedule
+        from stackops_harness.config import preset
+        from stackops_harness.methods import growth_schedule
 
         cfg = preset("smoke")
         man = make_manifest(config=cfg, schedule=growth_schedule(cfg), step=0, stage=0, depth=1,
@@ -309,7 +309,7 @@ def check_manifest(
     !!! Example
 
         ```python
-        from harness.methods import growth_schedule
+        from stackops_harness.methods import growth_schedule
 
         def check_resumable(run_dir, cfg):
             manifest = Checkpointer(f"{run_dir}/checkpoints").manifest()

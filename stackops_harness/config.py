@@ -33,7 +33,7 @@ __all__ = [
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPT_POLICIES = ("copy", "zero", "init")
-ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel")  # attention cores, see harness.attention
+ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel")  # attention cores, see stackops_harness.attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +54,9 @@ class TrainConfig:
       every block, the fastest on CPU (see docs/training.md); 1 compiles one block, so
       compile time stays flat as depth grows; `n` unrolls `n` blocks per iteration),
       `attention` (the attention core: `"auto"` uses the fused CPU kernel of
-      `harness.attention` where it applies (CPU, float32, head dimension a multiple of 16)
+      `stackops_harness.attention` where it applies (CPU, float32, head dimension a multiple of 16)
       and XLA's `jax.numpy` core elsewhere; `"xla"` or `"cpu-kernel"` force one).
-    - Growth: `method` (a name from `harness.methods.method_names()`, `"a+b"` to compose
+    - Growth: `method` (a name from `stackops_harness.methods.method_names()`, `"a+b"` to compose
       two operators per stage, or `"custom"` with an operator passed to `train`), `stages`,
       `alpha`, `preserve` (grow function-preservingly: new blocks start as identities),
       `opt_policy` (moments of new layers: `"copy"`, `"zero"` or `"init"`), `interp_t`
@@ -80,7 +80,7 @@ class TrainConfig:
     !!! Example
 
         ```python
-        from harness.config import TrainConfig, preset
+        from stackops_harness.config import TrainConfig, preset
 
         cfg = preset("smoke")
         assert cfg.block * cfg.stages == cfg.depth

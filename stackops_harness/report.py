@@ -51,7 +51,7 @@ def eval_curve(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     !!! Example
 
         ```python
-        from harness.report import eval_curve
+        from stackops_harness.report import eval_curve
 
         c = eval_curve([{"kind": "eval", "step": 1, "flops": 2.0, "val_loss": 3.0}])
         assert c["val_loss"].tolist() == [3.0]
@@ -181,7 +181,7 @@ def mean_std(values: Sequence[float]) -> str:
     !!! Example
 
         ```python
-        from harness.report import mean_std
+        from stackops_harness.report import mean_std
 
         assert mean_std([1.0, 3.0]) == "2.000 ± 1.000"
         ```
@@ -200,7 +200,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     !!! Example
 
         ```python
-        from harness.report import markdown_table
+        from stackops_harness.report import markdown_table
 
         print(markdown_table(["a", "b"], [[1, 2]]))
         ```

@@ -1,1 +1,0 @@
-"""Shared harness for the stackops experiments: data, evaluation, training helpers."""
