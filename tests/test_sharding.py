@@ -8,11 +8,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import stackops as so
 from stackops.models import DecoderLM, LMConfig
+
+try:  # jax >= 0.5 has explicit mesh axes; the tests use automatic ones
+    from jax.sharding import AxisType
+
+    def _auto(n: int) -> dict:
+        return {"axis_types": (AxisType.Auto,) * n}
+
+except ImportError:  # older jax (the floor version): every mesh axis is automatic
+
+    def _auto(n: int) -> dict:
+        return {}
+
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
@@ -39,7 +51,7 @@ def _shard(model, mesh):
     ids=repr,
 )
 def test_shardings_survive_growth_without_gathering(op):
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    mesh = jax.make_mesh((8,), ("data",), **_auto(1))
     cfg = LMConfig(d_model=32, n_heads=2, n_layers=4, max_len=8)
     model = _shard(DecoderLM(cfg, key=jax.random.key(0)), mesh)
     grown = so.grow(model, op, where=lambda m: m.blocks)
@@ -56,7 +68,7 @@ def test_shardings_survive_growth_without_gathering(op):
 
 
 def test_sharded_optimizer_state_grows_with_the_same_shardings():
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    mesh = jax.make_mesh((8,), ("data",), **_auto(1))
     cfg = LMConfig(d_model=32, n_heads=2, n_layers=2, max_len=8)
     model = _shard(DecoderLM(cfg, key=jax.random.key(0)), mesh)
     opt = optax.adamw(1e-3)
@@ -71,7 +83,7 @@ def test_sharded_optimizer_state_grows_with_the_same_shardings():
 
 
 def test_layer_axis_sharding_falls_back_when_the_new_depth_does_not_divide():
-    mesh = jax.make_mesh((2, 4), ("layers", "data"), axis_types=(AxisType.Auto,) * 2)
+    mesh = jax.make_mesh((2, 4), ("layers", "data"), **_auto(2))
     w = jax.device_put(
         jnp.arange(2 * 8 * 8.0).reshape(2, 8, 8), NamedSharding(mesh, P("layers", None, "data"))
     )

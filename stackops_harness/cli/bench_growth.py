@@ -393,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The `stackops-bench-growth` console script (and `python experiments/bench_growth.py`): run `main` on the
-    command line's arguments and return the exit status."""
+    """Console script `stackops-bench-growth` (also `python experiments/bench_growth.py`).
+
+    Runs `main` on the command line's arguments and returns the exit status."""
     return main()
 
 

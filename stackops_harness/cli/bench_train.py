@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stackops_harness import require_extras
+
 if "--single-thread" in sys.argv:
     # Must happen before JAX starts: one core for XLA, as for PyTorch. On a shared
     # machine a single-core comparison is far less disturbed by other processes
@@ -681,8 +683,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def entry() -> int:
-    """The `stackops-bench-train` console script (and `python experiments/bench_train.py`): run `main` on the
-    command line's arguments and return the exit status."""
+    """Console script `stackops-bench-train` (also `python experiments/bench_train.py`).
+
+    Runs `main` on the command line's arguments and returns the exit status."""
+    require_extras("stackops-bench-train")
     main()
     return 0
 

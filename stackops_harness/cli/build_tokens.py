@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from stackops_harness import data
+from stackops_harness import require_extras
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         `python experiments/build_tokens.py --out data/stdlib --max-mb 20`
     """
+    from stackops_harness import data  # needs the experiments extra (grain)
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument(
@@ -74,8 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def entry() -> int:
-    """The `stackops-build-tokens` console script (and `python experiments/build_tokens.py`): run `main` on the
-    command line's arguments and return the exit status."""
+    """Console script `stackops-build-tokens` (also `python experiments/build_tokens.py`).
+
+    Runs `main` on the command line's arguments and returns the exit status."""
+    require_extras("stackops-build-tokens")
     main()
     return 0
 

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from stackops_harness import require_extras
+
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,8 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def entry() -> int:
-    """The `stackops-eval-primitives` console script (and `python experiments/eval_primitives.py`): run `main` on the
-    command line's arguments and return the exit status."""
+    """Console script `stackops-eval-primitives` (also `python experiments/eval_primitives.py`).
+
+    Runs `main` on the command line's arguments and returns the exit status."""
+    require_extras("stackops-eval-primitives")
     main()
     return 0
 

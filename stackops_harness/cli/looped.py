@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stackops_harness import require_extras
 from stackops_harness.corpus import MIX, corpus_dir
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -138,8 +139,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def entry() -> int:
-    """The `stackops-looped` console script (and `python experiments/looped.py`): run `main` on the
-    command line's arguments and return the exit status."""
+    """Console script `stackops-looped` (also `python experiments/looped.py`).
+
+    Runs `main` on the command line's arguments and returns the exit status."""
+    require_extras("stackops-looped")
     main()
     return 0
 

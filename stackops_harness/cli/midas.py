@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stackops_harness import require_extras
 from stackops_harness.corpus import MIX, corpus_dir
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -361,8 +362,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def entry() -> int:
-    """The `stackops-midas` console script (and `python experiments/midas.py`): run `main` on the
-    command line's arguments and return the exit status."""
+    """Console script `stackops-midas` (also `python experiments/midas.py`).
+
+    Runs `main` on the command line's arguments and returns the exit status."""
+    require_extras("stackops-midas")
     main()
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 # Only the standard library is imported before the arguments are read: `--devices` must
 # set XLA_FLAGS before JAX starts.
 from stackops_harness import config as config_lib
+from stackops_harness import require_extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The `stackops-train` console script (and `python experiments/train.py`): run `main` on the
-    command line's arguments and return the exit status."""
+    """Console script `stackops-train` (also `python experiments/train.py`).
+
+    Runs `main` on the command line's arguments and returns the exit status."""
+    require_extras("stackops-train")
     return main()
 
 
