@@ -1,5 +1,7 @@
 """stackops: composable depth-growth operators for JAX/Equinox models and optax states."""
 
+from ._adapters import AbstractLayerAdapter as AbstractLayerAdapter
+from ._adapters import register_adapter as register_adapter
 from ._apply import grow as grow
 from ._apply import plan_for as plan_for
 from ._ops import AbstractGrowth as AbstractGrowth
