@@ -13,9 +13,11 @@ import dataclasses
 import sys
 from typing import Any
 
+import equinox as eqx
 import jax
 
-from ._stack import Stack
+from ._stack import Stack, raw_stack
+from ._tree import static_equal
 
 __all__ = ["AbstractLayerAdapter", "register_adapter", "find_adapter"]
 
@@ -158,19 +160,24 @@ class _HaliaxStacked(AbstractLayerAdapter):
                 raw.append(leaf.array)
             else:
                 raw.append(leaf)
-        return Stack(jax.tree.unflatten(treedef, raw))
+        layers = jax.tree.unflatten(treedef, raw)
+        if not any(eqx.is_array(x) for x in raw):  # an optimizer state's masked-out subtree
+            return raw_stack(layers, depth=container.Block.size)
+        return Stack(layers)
 
     def pack(self, container: Any, layers: list[Any] | Stack) -> Any:
         import haliax as hax
 
-        if not isinstance(layers, Stack) or layers.order is not None:
+        if not isinstance(layers, Stack) or (
+            layers.order is not None and layers.order != tuple(range(len(layers.order)))
+        ):
             raise ValueError(
                 "haliax Stacked cannot express tied layers (a routing order): use a copying "
                 "operator, or stackops.Stack."
             )
         (old_leaves, treedef), is_named = self._split(container.stacked)
         new_leaves = treedef.flatten_up_to(layers.layers)
-        depth = layers.num_layers
+        depth = len(layers)
         name = container.Block.name
         out = []
         for old, new in zip(old_leaves, new_leaves):
@@ -201,14 +208,16 @@ class _PenzaiSequential(AbstractLayerAdapter):
 
         frozen = pz.freeze_variables(container)
         if isinstance(container, pz.nn.Sequential):
-            return list(frozen.sublayers)
+            return [_plain(layer) for layer in frozen.sublayers]
         axis = container.stack_axis
         is_named = lambda x: isinstance(x, pz.nx.NamedArrayBase)
         return [
-            jax.tree.map(
-                lambda a, i=i: a[{axis: i}] if is_named(a) and axis in a.named_shape else a,
-                frozen.stacked_sublayers,
-                is_leaf=is_named,
+            _plain(
+                jax.tree.map(
+                    lambda a, i=i: a[{axis: i}] if is_named(a) and axis in a.named_shape else a,
+                    frozen.stacked_sublayers,
+                    is_leaf=is_named,
+                )
             )
             for i in range(container.stack_axis_size)
         ]
@@ -218,6 +227,7 @@ class _PenzaiSequential(AbstractLayerAdapter):
 
         if not isinstance(layers, list):
             raise TypeError("penzai adapter: expected a list of layers.")  # pragma: no cover
+        layers = [_unplain(layer) for layer in layers]
         if isinstance(container, pz.nn.Sequential):
             used: set[Any] = set()
             relabelled = [_relabel(layer, used) for layer in layers]
@@ -244,6 +254,61 @@ class _PenzaiSequential(AbstractLayerAdapter):
             stack_axis_size=len(layers),
         )
         return _unfreeze(new)
+
+
+class _Labelled:
+    """A frozen penzai variable whose label is a leaf, not static data.
+
+    Each layer's variables have their own labels; as leaves they do not make the layers'
+    structures differ, and a copy carries its source's label until `pack` relabels it.
+    """
+
+    def __init__(self, value: Any, label: Any, rebuild: Any):
+        self.value, self.label, self.rebuild = value, label, rebuild
+
+
+jax.tree_util.register_pytree_node(
+    _Labelled,
+    lambda v: ((v.value, v.label), v.rebuild),
+    lambda rebuild, children: _Labelled(children[0], children[1], rebuild),
+)
+
+
+class _Rebuild:
+    """How to turn a `_Labelled` back into its variable value (type and metadata)."""
+
+    def __init__(self, cls: type, metadata: Any):
+        self.cls, self.metadata = cls, metadata
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Rebuild)
+            and self.cls is other.cls
+            and static_equal(self.metadata, other.metadata)
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.cls)
+
+
+def _plain(layer: Any) -> Any:
+    from penzai import pz
+
+    return (
+        pz.select(layer)
+        .at_instances_of(pz.AbstractVariableValue)
+        .apply(lambda v: _Labelled(v.value, v.label, _Rebuild(type(v), v.metadata)))
+    )
+
+
+def _unplain(layer: Any) -> Any:
+    return jax.tree.map(
+        lambda v: v.rebuild.cls(value=v.value, label=v.label, metadata=v.rebuild.metadata)
+        if isinstance(v, _Labelled)
+        else v,
+        layer,
+        is_leaf=lambda v: isinstance(v, _Labelled),
+    )
 
 
 def _relabel(layer: Any, used: set[Any]) -> Any:

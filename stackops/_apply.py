@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import equinox as eqx
@@ -17,7 +17,7 @@ from ._adapters import AbstractLayerAdapter, find_adapter
 from ._ops import AbstractGrowth
 from ._plan import Plan, resolve
 from ._stack import Stack, check_same_structure
-from ._tree import check_copyable, is_layer_array, structure_difference, unsafe_leaves
+from ._tree import check_copyable, is_layer_array, unsafe_leaves
 
 __all__ = ["grow", "get_layers", "make_plan", "PreserveFn", "LayerView", "view_of", "rebuild"]
 
@@ -478,15 +478,13 @@ def grow_view(
         srcs, ws = sp
         # Build the new layer as a one-row stacked grow over its sources.
         group = [seq[s] for s in srcs]
-        static = eqx.filter(group[0], eqx.is_array, inverse=True)
-        for j, g in enumerate(group[1:] if checks else (), start=1):
-            diff = structure_difference(static, eqx.filter(g, eqx.is_array, inverse=True))
-            if diff is not None:
-                raise ValueError(
-                    f"the layers at `{argname}`: new layer {i} mixes layers {srcs[0]} and "
-                    f"{srcs[j]}, whose non-array fields differ ({diff}); a mix can keep only one "
-                    "value. Mix layers with equal non-array fields, or make the field an array."
-                )
+        # A new layer takes its non-array fields from its main (largest-weight) source, as a
+        # copy does.
+        main = seq[srcs[int(np.argmax(ws))]]
+        static = eqx.filter(main, eqx.is_array, inverse=True)
+        if checks:
+            check_same_structure(group, f"the sources of new layer {i} at `{argname}`",
+                                 compare_values=False)
         dyn = [eqx.filter(g, eqx.is_array) for g in group]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *dyn)
         one = grow_stacked_arrays(
@@ -497,6 +495,44 @@ def grow_view(
         )
         built.append(jax.tree.map(lambda a: a[0] if eqx.is_array(a) else a, one))
     return dataclasses.replace(view, layers=[built[i] for i in order_out])
+
+
+def replace_at(where: Callable[[Any], Any], tree: Any, new: Any) -> Any:
+    """`tree` with the node `where(tree)` replaced by `new` (one node, whatever its type)."""
+    # Wrapped in a 1-tuple so that a container which is itself a sequence or mapping (an
+    # `nnx.State`, a tuple of layers) is replaced as one node.
+    try:
+        return eqx.tree_at(lambda t: (where(t),), tree, (new,))
+    except ValueError:
+        pass
+    # `where` returned a fresh view of the node (`nnx.State.__getitem__` wraps the dict it
+    # holds): find the outermost node below the root whose leaves are the very objects of
+    # `where(tree)`, and swap it in.
+    target = where(tree)
+    ids = [id(x) for x in jax.tree.leaves(target)]
+    found = []
+
+    def is_target(x: Any) -> bool:
+        if x is tree or not ids or found:
+            return False
+        hit = [id(y) for y in jax.tree.leaves(x)] == ids
+        if hit:
+            found.append(x)
+        return hit
+
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_target)
+    if not found:
+        raise ValueError(
+            "`where` must return a node of the tree (e.g. `lambda m: m.blocks`); the node it "
+            "returned could not be located in the tree to replace it."
+        )
+    if isinstance(found[0], dict) and isinstance(new, Mapping) and not isinstance(new, dict):
+        new = _plain_mapping(new)
+    return jax.tree.unflatten(treedef, [new if x is found[0] else x for x in leaves])
+
+
+def _plain_mapping(m: Mapping) -> dict:
+    return {k: _plain_mapping(v) if isinstance(v, Mapping) else v for k, v in m.items()}
 
 
 def grow_sequence(seq: Any, plan: Plan, *, preserve: Any = None, argname: str = "where") -> Any:
@@ -576,7 +612,7 @@ def grow(
     view = view_of(container, axis=axis)
     plan = make_plan(op, view)
     new_container = rebuild(container, grow_view(view, plan, preserve=preserve))
-    out = new_container if container is model else eqx.tree_at(where, model, new_container)
+    out = new_container if container is model else replace_at(where, model, new_container)
     if on_depth is not None:
         if not callable(on_depth):
             raise TypeError(

@@ -20,11 +20,12 @@ from ._apply import (
     grow_view,
     make_plan,
     rebuild,
+    replace_at,
     view_of,
 )
 from ._ops import AbstractGrowth
 from ._plan import Plan, resolve
-from ._stack import Stack
+from ._stack import Stack, raw_stack as _raw_stack
 from ._tree import is_layer_array
 
 __all__ = ["grow_opt_state"]
@@ -337,7 +338,7 @@ def _grow_params_like(
                 for q, layer in enumerate(new_view.layers)
             ]
         new_container = rebuild(container, new_view)
-        return new_container if container is sub else eqx.tree_at(where, sub, new_container)
+        return new_container if container is sub else replace_at(where, sub, new_container)
 
     tree = view.layers.layers if view.kind == "stack" else view.layers
     if plan is None:
@@ -394,11 +395,11 @@ def _grow_params_like(
     new_tree = jax.tree.unflatten(leaves_def, out_leaves)
     if view.kind == "stack":
         new_order = None if order_out == tuple(range(n_new)) else order_out
-        new_view = dataclasses.replace(view, layers=_raw_stack(new_tree, new_order))
+        new_view = dataclasses.replace(view, layers=_raw_stack(new_tree, new_order, n_new))
     else:
         new_view = dataclasses.replace(view, layers=new_tree)
     new_container = rebuild(container, new_view)
-    return new_container if container is sub else eqx.tree_at(where, sub, new_container)
+    return new_container if container is sub else replace_at(where, sub, new_container)
 
 
 def _leaf_kind(leaf: Any, new: Any, n_old: int, n_new: int, axis: int) -> tuple[str, int]:
@@ -453,10 +454,3 @@ def _zeros_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else x, tree)
 
 
-def _raw_stack(layers: Any, order: Any) -> Stack:
-    # State subtrees may hold None where the model has non-array fields; build the Stack
-    # without re-running its checks on them.
-    obj = object.__new__(Stack)
-    object.__setattr__(obj, "layers", layers)
-    object.__setattr__(obj, "order", order)
-    return obj

@@ -280,3 +280,16 @@ def unstack(s: Any, *, axis: int = 0) -> list[Any]:
     return [
         jax.tree.map(lambda a, i=i: take(a, i) if eqx.is_array(a) else a, s) for i in range(n)
     ]
+
+
+def raw_stack(layers: Any, order: Any = None, depth: int | None = None) -> Stack:
+    """A `Stack` built without its checks, for optimizer-state subtrees (leaves may be `None`
+    or optax's `MaskedNode`). With no array leaves, `order` records the depth."""
+    if order is None and depth is not None and not any(
+        eqx.is_array(x) for x in jax.tree.leaves(layers)
+    ):
+        order = tuple(range(depth))
+    obj = object.__new__(Stack)
+    object.__setattr__(obj, "layers", layers)
+    object.__setattr__(obj, "order", order)
+    return obj
