@@ -1,5 +1,7 @@
 """stackops: composable depth-growth operators for JAX/Equinox models and optax states."""
 
+from ._adapters import AbstractLayerAdapter as AbstractLayerAdapter
+from ._adapters import register_adapter as register_adapter
 from ._apply import grow as grow
 from ._apply import plan_for as plan_for
 from ._ops import AbstractGrowth as AbstractGrowth
@@ -14,6 +16,7 @@ from ._optim import grow_opt_state as grow_opt_state
 from ._plan import Keep as Keep
 from ._plan import Mix as Mix
 from ._plan import Plan as Plan
+from ._preserve import check_preserved as check_preserved
 from ._schedule import ideal_speedup as ideal_speedup
 from ._schedule import prop_schedule as prop_schedule
 from ._schedule import schedule_speedup as schedule_speedup

@@ -9,6 +9,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._tree import check_copyable, structure_difference
+
 __all__ = ["Stack", "stack", "unstack"]
 
 M = TypeVar("M")
@@ -153,49 +155,45 @@ class Stack(eqx.Module, Generic[M]):
         return jax.tree.map(lambda a: a[stored] if eqx.is_array(a) else a, self.layers)
 
 
-def _describe_mismatch(a: Any, b: Any) -> str:
-    la, ta = jax.tree_util.tree_flatten_with_path(a)
-    lb, tb = jax.tree_util.tree_flatten_with_path(b)
-    if ta != tb:  # type: ignore[operator]
-        return f"tree structures differ:\n  {ta}\n  vs\n  {tb}"
-    for (p, x), (_, y) in zip(la, lb):
-        sx = getattr(x, "shape", None), getattr(x, "dtype", None)
-        sy = getattr(y, "shape", None), getattr(y, "dtype", None)
-        if sx != sy:
-            return f"leaf {jax.tree_util.keystr(p)} has shape/dtype {sx} vs {sy}"
-    return "static fields differ"
+def check_same_structure(layers: Sequence[Any], what: str, *, compare_values: bool = True) -> None:
+    """Raise a clear error unless all layers have one structure, shapes and dtypes.
 
-
-def check_same_structure(layers: Sequence[Any], what: str) -> None:
-    """Raise a clear error unless all layers have one tree structure, shapes and dtypes."""
+    Static data is compared structurally (never with a user's `__eq__`). With
+    `compare_values`, non-array leaves must be equal too.
+    """
     if len(layers) == 0:
         raise ValueError(f"{what} is empty: there are no layers.")
-    ref_d, ref_s = eqx.partition(layers[0], eqx.is_array)
-    ref_shapes = jax.tree.map(lambda a: (a.shape, a.dtype), ref_d)
     for i, layer in enumerate(layers[1:], start=1):
-        d, s = eqx.partition(layer, eqx.is_array)
-        ok = jax.tree.structure(d) == jax.tree.structure(ref_d) and jax.tree.structure(
-            s
-        ) == jax.tree.structure(ref_s)
-        if ok:
-            ok = jax.tree.map(lambda a: (a.shape, a.dtype), d) == ref_shapes
-        if not ok:
+        diff = structure_difference(layers[0], layer, compare_values=compare_values)
+        if diff is not None:
+            hint = (
+                " A Stack keeps one value per non-array leaf for all layers: make a per-layer "
+                "value an array (e.g. `jnp.asarray(idx)`) so it is stacked, or make them equal."
+                if diff.startswith("non-array leaf")
+                else " All layers of one stack must be modules of the same type, shapes and dtypes."
+            )
             raise ValueError(
-                f"{what}: layer {i} has a different structure from layer 0 "
-                f"({_describe_mismatch(layers[0], layer)}). All layers of one stack must be "
-                "modules of the same type, shapes and dtypes."
+                f"{what}: layer {i} has a different structure from layer 0 ({diff}).{hint}"
             )
 
 
-def stack(layers: Sequence[M]) -> Stack[M]:
+def stack(layers: Sequence[M], *, axis: int = 0) -> Any:
     """Stack a list of same-structured modules into a [`stackops.Stack`][].
+
+    Non-array fields must be equal in every layer (a `Stack` keeps one value for all); a
+    per-layer value such as a layer index is refused rather than silently dropped: make it
+    an array to stack it.
 
     **Arguments:**
 
     - `layers`: a non-empty list or tuple of modules with identical structure, shapes and
       dtypes (non-array fields must be equal).
+    - `axis`: where the new layer axis goes in every array leaf. `0` (default) returns a
+      `Stack`; any other axis returns the stacked pytree itself (e.g. MaxText's layout,
+      `axis=1`), which [`stackops.grow`][] grows with the same `axis=`.
 
-    **Returns:** a `Stack` whose array leaves have a leading axis of size `len(layers)`.
+    **Returns:** a `Stack` whose array leaves have a leading axis of size `len(layers)`
+    (`axis=0`), or the stacked pytree.
 
     !!! Example
 
@@ -207,24 +205,44 @@ def stack(layers: Sequence[M]) -> Stack[M]:
         s = so.stack(layers)
         assert len(s) == 4 and s.layers.weight.shape == (4, 3, 3)
         assert so.unstack(s)[2].weight.shape == (3, 3)
+        t = so.stack(layers, axis=1)                     # a Linear with (3, 4, 3) weights
+        assert t.weight.shape == (3, 4, 3) and len(so.unstack(t, axis=1)) == 4
         ```
     """
     if not isinstance(layers, (list, tuple)):
         raise TypeError(
             f"stack(layers): expected a list or tuple of modules, got {type(layers).__name__}."
         )
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+        raise ValueError(f"stack(axis=...): expected a non-negative integer, got {axis!r}.")
     check_same_structure(layers, "stack(layers)")
+    check_copyable(layers, "stack(layers)")
     dyn = [eqx.filter(layer, eqx.is_array) for layer in layers]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(dyn[0]):
+        if axis > leaf.ndim:
+            raise ValueError(
+                f"stack(axis={axis}): leaf {jax.tree_util.keystr(path)} has only {leaf.ndim} "
+                "dimensions; the layer axis can go at most after the last one."
+            )
     static = eqx.filter(layers[0], eqx.is_array, inverse=True)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *dyn)
-    return Stack(eqx.combine(stacked, static))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *dyn)
+    if axis == 0:
+        return Stack(eqx.combine(stacked, static))
+    return eqx.combine(stacked, static)
 
 
-def unstack(s: Stack[M]) -> list[M]:
-    """Split a [`stackops.Stack`][] into a list of modules, one per position.
+def unstack(s: Any, *, axis: int = 0) -> list[Any]:
+    """Split a [`stackops.Stack`][] (or a pytree with a layer axis) into one module per position.
 
     Raises for a tied stack, since a list cannot share weights: call
     `stackops.grow(s, stackops.untie())` first if copies are what you want.
+
+    **Arguments:**
+
+    - `s`: a `Stack`, or any pytree whose array leaves share the layer axis `axis`.
+    - `axis`: the layer axis of a pytree (a `Stack`'s is always 0).
+
+    **Returns:** a list of layers, each without the layer axis.
 
     !!! Example
 
@@ -236,12 +254,42 @@ def unstack(s: Stack[M]) -> list[M]:
         assert len(so.unstack(so.stack(layers))) == 3
         ```
     """
-    if not isinstance(s, Stack):
-        raise TypeError(f"unstack(s): expected a stackops.Stack, got {type(s).__name__}.")
-    if s.is_tied:
-        raise ValueError(
-            "unstack(s): the stack has tied positions (shared weights), which a list cannot "
-            "express. Use stackops.grow(s, stackops.untie(), where=lambda x: x) first."
+    if isinstance(s, Stack):
+        if axis != 0:
+            raise ValueError("unstack(s, axis=...): a Stack's layer axis is always 0; drop `axis`.")
+        if s.is_tied:
+            raise ValueError(
+                "unstack(s): the stack has tied positions (shared weights), which a list cannot "
+                "express. Use stackops.grow(s, stackops.untie(), where=lambda x: x) first."
+            )
+        idx: Sequence[int] = s.order if s.order is not None else range(s.num_layers)
+        return [
+            jax.tree.map(lambda a, i=i: a[i] if eqx.is_array(a) else a, s.layers) for i in idx
+        ]
+    from ._apply import axis_depth
+
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"unstack(axis=...): expected an integer, got {axis!r}.")
+    if isinstance(s, (list, tuple)) or eqx.is_array(s):
+        raise TypeError(
+            f"unstack(s): expected a stackops.Stack or a pytree with a layer axis, got "
+            f"{type(s).__name__}."
         )
-    idx = s.order if s.order is not None else range(s.num_layers)
-    return [jax.tree.map(lambda a, i=i: a[i] if eqx.is_array(a) else a, s.layers) for i in idx]
+    n = axis_depth(s, axis, argname="s")
+    take = lambda a, i: jax.lax.index_in_dim(a, i, axis=axis, keepdims=False)
+    return [
+        jax.tree.map(lambda a, i=i: take(a, i) if eqx.is_array(a) else a, s) for i in range(n)
+    ]
+
+
+def raw_stack(layers: Any, order: Any = None, depth: int | None = None) -> Stack:
+    """A `Stack` built without its checks, for optimizer-state subtrees (leaves may be `None`
+    or optax's `MaskedNode`). With no array leaves, `order` records the depth."""
+    if order is None and depth is not None and not any(
+        eqx.is_array(x) for x in jax.tree.leaves(layers)
+    ):
+        order = tuple(range(depth))
+    obj = object.__new__(Stack)
+    object.__setattr__(obj, "layers", layers)
+    object.__setattr__(obj, "order", order)
+    return obj

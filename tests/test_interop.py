@@ -1,0 +1,224 @@
+"""Growth on other libraries' layer containers, with the real libraries (the interop extra).
+
+For each container: every operator; kept layers bit-identical; copies equal their sources and
+share no buffer or mutable object with them; `preserve` makes an identity; jit equals eager;
+the grown optimizer state has `optimizer.init(grown)`'s structure and the next update runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from interop_models import (
+    axis_dict,
+    haliax_stacked,
+    nnx_list,
+    penzai_layer_stack,
+    penzai_sequential,
+)
+
+import stackops as so
+
+_HAS = {m: importlib.util.find_spec(m) is not None for m in ("haliax", "penzai", "flax")}
+
+
+def _need(mod):
+    return pytest.mark.skipif(not _HAS[mod], reason=f"needs {mod} (the interop extra)")
+
+
+BUILDERS = {
+    "axis0_dict": (lambda n: axis_dict(n, 0), None),
+    "axis1_dict": (lambda n: axis_dict(n, 1), None),
+    "haliax_stacked": (haliax_stacked, "haliax"),
+    "penzai_sequential": (penzai_sequential, "penzai"),
+    "penzai_layer_stack": (penzai_layer_stack, "penzai"),
+    "nnx_list": (nnx_list, "flax"),
+}
+
+
+def _params(name):
+    builder, mod = BUILDERS[name]
+    marks = [_need(mod)] if mod else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+ALL = [_params(n) for n in BUILDERS]
+OPS = [
+    so.middle_stack(block=1),
+    so.middle_stack(block=2),
+    so.last_stack(block=1),
+    so.interpolate(block=1, t=0.25),
+    so.interpolate(block=1, at="all"),
+    so.layer_map([0, 3, 1, 1, 2]),
+    so.compose(so.middle_stack(block=2), so.last_stack(block=1)),
+    so.untie(),
+]
+
+
+def _expected(plan, old, q):
+    spec = plan.layers[plan.order[q]]
+    if isinstance(spec, so.Keep):
+        return old[spec.source], True
+    mixed = [sum(w * old[s][k] for s, w in zip(spec.sources, spec.weights)) for k in
+             range(len(old[0]))]
+    return mixed, spec.is_copy
+
+
+def _grow(case, model, op, **kw):
+    return so.grow(model, op, where=case.where, axis=case.axis, **kw)
+
+
+@pytest.mark.parametrize("op", OPS, ids=repr)
+@pytest.mark.parametrize("name", ALL)
+def test_every_operator_keeps_layers_bit_identical_and_copies_equal_sources(name, op):
+    case = BUILDERS[name][0](4)
+    old = case.positions(case.model)
+    grown = _grow(case, case.model, op)
+    plan = op.plan(4)
+    new = case.positions(grown)
+    assert len(new) == plan.depth_out
+    for q in range(plan.depth_out):
+        want, exact = _expected(plan, old, q)
+        for a, b in zip(new[q], want):
+            if exact:
+                np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert case.run is None or np.isfinite(np.asarray(case.run(grown))).all()
+
+
+def _buffers(tree):
+    out = set()
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array):
+            out.add(x.unsafe_buffer_pointer())
+    return out
+
+
+def _mutable_ids(tree):
+    """ids of the mutable objects in a tree (penzai variables, NNX modules and variables)."""
+    ids = set()
+    if _HAS["penzai"]:
+        from penzai import pz
+
+        for v in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, pz.AbstractVariable)):
+            if isinstance(v, pz.AbstractVariable):
+                ids.add(id(v))
+    if _HAS["flax"]:
+        from flax import nnx
+
+        for _, node in nnx.iter_graph(tree) if isinstance(tree, nnx.Module) else ():
+            if isinstance(node, (nnx.Module, nnx.Variable)):
+                ids.add(id(node))
+    return ids
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_copies_share_no_buffer_or_mutable_object_with_the_input(name):
+    case = BUILDERS[name][0](2)
+    grown = _grow(case, case.model, so.middle_stack(block=1))
+    old_mut, new_mut = _mutable_ids(case.model), _mutable_ids(grown)
+    assert not (old_mut & new_mut), "the grown model shares mutable objects with the input"
+    # The copy (position 1, of position 0) holds its source's values.
+    assert so.middle_stack(block=1).plan(2).sources() == (0, 0, 1)
+    new = case.positions(grown)
+    for a, b in zip(new[0], new[1]):
+        np.testing.assert_array_equal(a, b)
+    if not name.startswith("penzai"):
+        assert not (_buffers(case.where(case.model)) & _buffers(case.where(grown))) or (
+            name.startswith("nnx")  # NNX: kept layers keep their (immutable) arrays
+        )
+    # Mutating the grown penzai/NNX model never changes the input.
+    before = case.positions(case.model)
+    if _HAS["penzai"] and name.startswith("penzai"):
+        from penzai import pz
+
+        for v in pz.select(grown).at_instances_of(pz.Parameter).get_sequence():
+            v.value = jax.tree.map(lambda a: a * 0 + 7.0, v.value)
+    if _HAS["flax"] and name.startswith("nnx"):
+        for b in grown.blocks:
+            b.up.kernel.value = b.up.kernel.value * 0 + 7.0
+    after = case.positions(case.model)
+    for xs, ys in zip(before, after):
+        for x, y in zip(xs, ys):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n.values[0] != "penzai_layer_stack"])
+def test_preserve_makes_new_layers_identities(name):
+    case = BUILDERS[name][0](3)
+    before = np.asarray(case.run(case.model))
+    for op in (so.middle_stack(block=1), so.last_stack(block=1), so.interpolate(block=1)):
+        grown = _grow(case, case.model, op, preserve=case.preserve)
+        np.testing.assert_allclose(np.asarray(case.run(grown)), before, rtol=1e-5, atol=1e-5)
+        so.check_preserved(case.model, grown, apply=case.run)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in ALL if n.values[0] in ("axis0_dict", "axis1_dict", "haliax_stacked")]
+)
+def test_growth_under_jit_equals_eager_growth(name):
+    case = BUILDERS[name][0](4)
+    for op in (so.middle_stack(block=2), so.interpolate(block=1, at="all")):
+        eager = _grow(case, case.model, op)
+        jitted = eqx.filter_jit(lambda m, op=op: _grow(case, m, op))(case.model)
+        for xs, ys in zip(case.positions(eager), case.positions(jitted)):
+            for x, y in zip(xs, ys):
+                np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_axis_1_equals_moving_the_axis_to_0_and_growing():
+    c1, c0 = axis_dict(4, 1), axis_dict(4, 0)
+    for op in OPS:
+        g1 = so.grow(c1.model, op, where=c1.where, axis=1)
+        g0 = so.grow(c0.model, op, where=c0.where, axis=0)
+        moved = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), c1.where(g1))
+        jax.tree.map(np.testing.assert_array_equal, moved, c0.where(g0))
+
+
+def _optimizers(case):
+    wd_mask = lambda p: jax.tree.map(lambda x: eqx.is_inexact_array(x) and x.ndim >= 2, p)
+    label = lambda p: jax.tree.map(
+        lambda x: "adam" if eqx.is_inexact_array(x) and x.ndim >= 2 else "sgd", p
+    )
+    return {
+        "adamw": optax.adamw(1e-3),
+        "adamw_mask_fn": optax.adamw(1e-3, mask=wd_mask),
+        "multi_transform": optax.multi_transform(
+            {"adam": optax.adam(1e-3), "sgd": optax.sgd(1e-2, momentum=0.9)}, label
+        ),
+        "muon": optax.contrib.muon(1e-3),
+    }
+
+
+OPT_NAMES = ["adamw", "adamw_mask_fn", "multi_transform", "muon"]
+
+
+@pytest.mark.parametrize("opt_name", OPT_NAMES)
+@pytest.mark.parametrize(
+    "name", [n for n in ALL if n.values[0] in ("axis0_dict", "axis1_dict", "haliax_stacked",
+                                                "nnx_list")]
+)
+def test_grown_opt_state_has_init_structure_and_update_runs(name, opt_name):
+    case = BUILDERS[name][0](2)
+    opt = _optimizers(case)[opt_name]
+    params = eqx.filter(case.params(case.model), eqx.is_inexact_array)
+    state = opt.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = opt.update(grads, state, params)  # non-zero moments
+    op = so.middle_stack(block=1)
+    where = case.state_where or case.where
+    grown_params = so.grow(params, op, where=where, axis=case.axis)
+    new_state = so.grow_opt_state(opt, state, op, where=where, params=params, axis=case.axis)
+    fresh = opt.init(grown_params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(fresh)
+    assert jax.tree.map(jnp.shape, new_state) == jax.tree.map(jnp.shape, fresh)
+    g = jax.tree.map(jnp.ones_like, grown_params)
+    updates, _ = opt.update(g, new_state, grown_params)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
