@@ -178,7 +178,7 @@ def config_from_hf(cfg: Mapping[str, Any]) -> LMConfig:
             norm="rms",
             pos="rope",
             n_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-            head_dim=None if cfg.get("head_dim") is None else int(cfg["head_dim"]),
+            head_dim=_head_dim(cfg),
             mlp="swiglu",
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_base=base,
@@ -188,6 +188,14 @@ def config_from_hf(cfg: Mapping[str, Any]) -> LMConfig:
         )
     except KeyError as e:
         raise ValueError(f"from_hf: config.json lacks the field {e.args[0]!r}.") from e
+
+
+def _head_dim(cfg: Mapping[str, Any]) -> int | None:
+    """`head_dim`, or `None` where it is the default `hidden_size // num_attention_heads`."""
+    hd = cfg.get("head_dim")
+    if hd is None or int(hd) * int(cfg["num_attention_heads"]) == int(cfg["hidden_size"]):
+        return None
+    return int(hd)
 
 
 def _config_to_hf(
@@ -309,8 +317,12 @@ def _load_leaf(
                 )
             dst[..., col : col + width] = arr
             col += width
-        if col != (buf.shape[-1]):
-            raise ValueError(f"from_hf: the tensors of leaf {parts} do not match config.json.")
+        if col != buf.shape[-1]:
+            names = [n.format(i=0 if i is None else i) for n, _ in parts]
+            raise ValueError(
+                f"from_hf: the tensors {names} have shapes "
+                f"{[reader.tensors[n].shape for n in names]}, which does not match config.json."
+            )
     return jnp.asarray(buf)
 
 
@@ -443,9 +455,10 @@ def to_hf(
     config, rows = _check_model(model)
     sources = [] if like is None else [_local_dir(like, "like", "to_hf")]
     base = None if like is None else _read_config(sources[0], "to_hf")
-    out = _out_dir(path, "path", "to_hf", overwrite, sources)
     if dtype is not None:
         dtype = np.dtype(dtype)
+    out_dtype = np.dtype(model.embed.dtype) if dtype is None else dtype
+    cfg = _config_to_hf(config, len(rows), out_dtype, base)  # checks the architecture first
     layout = _layout(config)
     leaves = {
         _path_str(kp): leaf
@@ -455,7 +468,7 @@ def to_hf(
         raise ValueError(f"to_hf: the model's leaves {sorted(leaves)} are not those of its "
                          f"config ({sorted(layout)}).")
     entries = _entries(config, leaves, layout, rows, dtype)
-    cfg = _config_to_hf(config, len(rows), entries[0].dtype, base)
+    out = _out_dir(path, "path", "to_hf", overwrite, sources)
     files = st.write_checkpoint(out, entries, max_shard_size=_shard_bytes(max_shard_size))
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     files.append("config.json")
