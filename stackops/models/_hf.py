@@ -700,7 +700,8 @@ def _upscale_entries(
     def copy_of(name: str) -> st.Entry:
         info = reader.tensors[name]
         dt = out_dtype(info)
-        return st.Entry(name, info.shape, dt, lambda: reader.get(name).astype(dt, copy=False))
+        raw = info if dt == info.dtype else None  # unchanged bytes: copied file to file
+        return st.Entry(name, info.shape, dt, lambda: reader.get(name).astype(dt, copy=False), raw)
 
     entries = [copy_of(n) for n in head]
     for q, li in enumerate(plan.order):
@@ -709,8 +710,14 @@ def _upscale_entries(
             info = reader.tensors[per_layer[0][suffix]]
             dt = out_dtype(info)
             name = f"model.layers.{q}.{suffix}"
+            zeroed = q in identities and suffix in zero
+            raw = None
+            if not zeroed and (isinstance(spec, Keep) or spec.is_copy):
+                src_layer = spec.source if isinstance(spec, Keep) else spec.sources[0]
+                src_info = reader.tensors[per_layer[src_layer][suffix]]
+                raw = src_info if src_info.dtype == dt else None
             entries.append(st.Entry(name, info.shape, dt, _layer_producer(
-                reader, per_layer, spec, suffix, dt, q in identities and suffix in zero)))
+                reader, per_layer, spec, suffix, dt, zeroed), raw))
     entries += [copy_of(n) for n in tail]
     return entries
 

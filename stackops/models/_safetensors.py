@@ -174,12 +174,15 @@ class Reader:
 
 @dataclass(frozen=True)
 class Entry:
-    """One tensor to write: `produce()` returns it (only when its turn comes)."""
+    """One tensor to write: `produce()` returns it (only when its turn comes), or, with
+    `raw`, its bytes are copied unchanged from `raw = TensorInfo` of a source file (by the
+    kernel where it can: no trip through a Python buffer)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
     produce: Callable[[], np.ndarray]
+    raw: TensorInfo | None = None
 
     @property
     def nbytes(self) -> int:
@@ -217,20 +220,69 @@ def _write_file(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # tensors start 8-byte aligned, as safetensors writes them
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for e in entries:
-            arr = e.produce()
-            if arr.shape != e.shape or arr.dtype != e.dtype:
-                raise AssertionError(
-                    f"tensor {e.name}: produced {arr.shape} {arr.dtype}, planned {e.shape} "
-                    f"{e.dtype}"
-                )
-            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
-            if progress is not None:
-                progress(e.nbytes)
+    sources: dict[Path, int] = {}
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            fd = f.fileno()
+            _write_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw))
+            for e in entries:
+                if e.raw is not None:
+                    if e.raw.nbytes != e.nbytes or e.raw.dtype != e.dtype:
+                        raise AssertionError(f"tensor {e.name}: raw source does not match")
+                    if e.raw.file not in sources:
+                        sources[e.raw.file] = os.open(e.raw.file, os.O_RDONLY)
+                    _copy_range(sources[e.raw.file], e.raw.start, fd, e.nbytes)
+                else:
+                    arr = e.produce()
+                    if arr.shape != e.shape or arr.dtype != e.dtype:
+                        raise AssertionError(
+                            f"tensor {e.name}: produced {arr.shape} {arr.dtype}, planned "
+                            f"{e.shape} {e.dtype}"
+                        )
+                    _write_all(fd, np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+                if progress is not None:
+                    progress(e.nbytes)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        for sfd in sources.values():
+            os.close(sfd)
     os.replace(tmp, path)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """`os.write` until every byte is out (one call writes at most ~2 GiB on Linux)."""
+    data = data.cast("B")
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+_CHUNK = 16 * 2**20
+
+
+def _copy_range(src_fd: int, offset: int, dst_fd: int, count: int) -> None:
+    """Append `count` bytes of `src_fd` from `offset` to `dst_fd` (at its current offset)."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            while count > 0:
+                n = os.copy_file_range(src_fd, dst_fd, min(count, 2**30), offset)
+                if n == 0:
+                    raise ValueError("source file ended early: it is truncated")
+                offset += n
+                count -= n
+            return
+        except OSError:
+            pass  # e.g. across file systems on old kernels: copy through a buffer instead
+    buf = bytearray(min(_CHUNK, count))
+    while count > 0:
+        n = os.preadv(src_fd, [memoryview(buf)[: min(len(buf), count)]], offset)
+        if n == 0:
+            raise ValueError("source file ended early: it is truncated")
+        _write_all(dst_fd, memoryview(buf)[:n])
+        offset += n
+        count -= n
 
 
 def write_checkpoint(
