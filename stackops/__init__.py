@@ -27,3 +27,11 @@ from ._stack import stack as stack
 from ._stack import unstack as unstack
 
 __version__ = "0.1.0"
+from ._freeze import freeze as freeze
+from ._freeze import trainable_mask as trainable_mask
+from ._mergekit import from_mergekit as from_mergekit
+from ._mergekit import to_mergekit as to_mergekit
+from ._provenance import provenance as provenance
+from ._recipes import gstack as gstack
+from ._recipes import llama_pro as llama_pro
+from ._recipes import solar as solar

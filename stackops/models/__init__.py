@@ -1,5 +1,8 @@
 """Reference models for the experiments, docs and tests (the operators do not depend on them)."""
 
+from ._hf import from_hf as from_hf
+from ._hf import to_hf as to_hf
+from ._hf import upscale_hf as upscale_hf
 from ._transformer import MLP as MLP
 from ._transformer import Attention as Attention
 from ._transformer import AttentionFn as AttentionFn
