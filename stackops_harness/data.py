@@ -184,7 +184,8 @@ def load_tokens(path: str | os.PathLike[str]) -> np.memmap:
     if size % np.dtype(TOKEN_DTYPE).itemsize:
         raise ValueError(
             f"`path` {str(p)!r} has {size} bytes, not a whole number of uint16 tokens; "
-            "is it really a flat token file?"
+            "is it really a flat token file? (A file of uint8 ids, one byte per token, must be "
+            "rewritten with write_tokens(path, np.fromfile(path, np.uint8)).)"
         )
     return np.memmap(p, dtype=TOKEN_DTYPE, mode="r")
 
@@ -284,7 +285,10 @@ def _dtype_advice(path: Path, tokens: np.ndarray, vocab_size: int) -> str:
             f"np.fromfile(path, np.int32)) and rebuild meta.json (write_token_meta)."
         )
     top = int(sample.max())
-    if int(raw.max()) < vocab_size <= 256 and top >= vocab_size:
+    # uint8 ids read in pairs: the high bytes are ids too, mostly nonzero (text bytes); ids
+    # of a vocabulary just over `vocab_size` have mostly zero high bytes.
+    high_mostly_nonzero = float(np.mean(raw[1::2] != 0)) > 0.5
+    if int(raw.max()) < vocab_size <= 256 and top >= vocab_size and high_mostly_nonzero:
         return (
             f"each of its bytes is a valid id but its uint16 ids are not, so it looks like "
             f"uint8 ids (one byte per token). Rewrite it as uint16 with "
