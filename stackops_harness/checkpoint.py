@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 import stackops as so
@@ -466,8 +467,10 @@ def tree_checksums(tree: Any) -> dict[str, str]:
     sums = _tree_checksum_fn([x for _, x in leaves])
     out = {}
     for name, s in zip(names, sums):
-        # Replicated: every process holds the whole (tiny) result.
-        h = np.asarray(s.addressable_shards[0].data)
+        if s.is_fully_replicated:  # every process holds the whole (tiny) result
+            h = np.asarray(s.addressable_shards[0].data)
+        else:
+            h = np.asarray(multihost_utils.process_allgather(s, tiled=True))
         out[name] = f"{int(h[0]):08x}{int(h[1]):08x}"
     return out
 

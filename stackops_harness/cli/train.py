@@ -176,6 +176,21 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--coordinator must be HOST:PORT or 'auto', got {coordinator!r}.")
 
 
+def _quiet_closed_event_loops() -> None:
+    # After a failed restore, orbax's background asyncio callbacks may fire on a loop that is
+    # already closed; Python then prints "RuntimeError: Event loop is closed" with a
+    # traceback at exit. It is noise after the real error, so only that one is dropped.
+    previous = sys.unraisablehook
+
+    def hook(unraisable: typing.Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def _fail(message: str) -> int:
     # One line, no traceback: the messages name the flag or file and the fix.
     print(f"stackops-train: error: {' '.join(message.split())}", file=sys.stderr)
@@ -207,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config_lib.format_config(config))
         return 0
 
+    _quiet_closed_event_loops()
     from stackops_harness.checkpoint import CheckpointError
     from stackops_harness.lock import RunLockedError
     from stackops_harness.sharding import initialize_distributed

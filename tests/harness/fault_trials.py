@@ -126,7 +126,7 @@ def flip_trials(n: int, rng: random.Random, work: Path) -> dict:
 
     result, _ = hs.reference_run()
     counts = {"refused": 0, "harmless": 0, "wrong": 0}
-    for i in range(n):
+    for _ in range(n):
         step = rng.choice(hs.SMOKE_CHECKPOINTS)
         src = result.run_dir
         original = _full_restore(src, step)

@@ -39,7 +39,7 @@ def test_meta_json_records_and_open_token_dir_checks_every_file(tmp_path):
     changed = ids.copy()
     changed[500] = (changed[500] + 1) % 256
     data.write_tokens(d / "train.bin", changed)
-    with pytest.raises(TokenDataError, match=r"train.bin does not match .*sha256.*write_token_meta"):
+    with pytest.raises(TokenDataError, match=r"train.bin does not match .*sha256.*write_token"):
         data.open_token_dir(d, vocab_size=256)
     data.write_tokens(d / "train.bin", ids[:900])
     with pytest.raises(TokenDataError, match="length is 900, meta.json records 1000"):

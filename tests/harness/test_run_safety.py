@@ -18,7 +18,7 @@ from stackops_harness.trainer import train
 
 _HOLD = (
     "import sys, time; from stackops_harness.lock import RunLock; "
-    "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)"
+    "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)"
 )
 
 
@@ -75,7 +75,8 @@ def _try_lock(run_dir) -> subprocess.Popen:
     code = (
         "import sys, time; from stackops_harness.lock import RunLock, RunLockedError\n"
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
-        "try:\n    RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(3)\n"
+        "try:\n    lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True)\n"
+        "    time.sleep(3)\n"
         "except RunLockedError:\n    print('refused', flush=True)\n"
     )
     return subprocess.Popen(
@@ -158,6 +159,14 @@ def test_out_pointing_at_a_file_and_a_missing_config_are_refused(tmp_path, capsy
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert "--out" in _cli(smoke_cli_args(a_file), capsys)
+    # A second writer on the command line: refused in one line naming the holder.
+    holder = _holder(tmp_path / "held")
+    try:
+        line = _cli(smoke_cli_args(tmp_path / "held"), capsys)
+        assert f"pid {holder.pid}" in line and "another --out" in line
+    finally:
+        holder.kill()
+        holder.wait()
     # Without --preset, only a run with its config.json can be resumed; never a fresh run.
     result, _ = reference_run()
     run_dir = tmp_path / "no-config"
