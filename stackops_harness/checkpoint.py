@@ -5,7 +5,17 @@ A checkpoint is one step directory under `run_dir/checkpoints/` holding four ite
 iterator's state, one file per process) and `meta` (the manifest: config, step, stage,
 depth, growth history, counters). orbax writes a step into a temporary directory and
 renames it when every item is complete, so a process killed at any moment, even during a
-save, leaves only complete checkpoints visible; leftovers are removed when the run reopens.
+save, leaves only complete checkpoints visible; leftovers are removed when the run's writer
+reopens it. Readers ([`load_checkpoint`][], `Checkpointer(..., read_only=True)`) never
+remove or change anything, so they may read a live run.
+
+Every checkpoint verifies itself: at save time each array's checksum (two 32-bit sums over
+its bits, computed on device, the same whatever the sharding or number of processes) and
+the data iterator's state go into the manifest, and the manifest carries the SHA-256 of its
+own content. Restoring recomputes all of them, and checks the manifest's counters (step,
+stage, depth, growth history, tokens) against the schedule and the arrays, so a flipped
+bit anywhere is refused with [`CheckpointCorruptError`][], naming the array and the step
+directory, instead of being trained on.
 
 Restoring never guesses: the manifest is read first, the model's skeleton at the saved
 stage is rebuilt from the config and the growth history it records, the saved arrays'
@@ -16,7 +26,9 @@ straight into its sharding. Anything that does not match raises
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -25,7 +37,10 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 import stackops as so
@@ -37,21 +52,38 @@ from .state import Skeleton, make_optimizer, skeleton
 
 __all__ = [
     "MANIFEST_FORMAT",
+    "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointMismatchError",
     "Checkpointer",
+    "check_counters",
     "check_manifest",
+    "tree_checksums",
     "load_checkpoint",
     "make_manifest",
     "write_json_atomic",
 ]
 
-MANIFEST_FORMAT = "stackops-train-checkpoint/1"
+MANIFEST_FORMAT = "stackops-train-checkpoint/2"
+CHECKSUM_FORMAT = "stackops-u32x2/1"
 CHECKPOINT_SUBDIR = "checkpoints"
+CORRUPT_SUBDIR = "corrupt-checkpoints"
+"""Where `resume_from_intact` moves the step directories it passes over (nothing is deleted)."""
+
+INTACT_FIX = (
+    "To resume from the newest intact checkpoint before it, rerun with --resume-from-intact "
+    "(train(..., resume_from_intact=True)): the steps passed over are moved to "
+    f"{CORRUPT_SUBDIR}/ of the run directory, nothing is deleted."
+)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read: missing, incomplete or corrupt."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint's files do not hold what was saved: a checksum, the manifest's own hash,
+    its counters or the data-iterator state disagree, or a file cannot be decoded."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -66,7 +98,12 @@ class Checkpointer:
     - `directory`: where step directories go (`run_dir / "checkpoints"`).
     - `keep`: how many of the latest checkpoints to keep.
     - `async_save`: write in a background thread (arrays are copied to host memory before
-      `save` returns, so training may go on and even donate the buffers).
+      `save` returns, so training may go on and even donate the buffers). The first error
+      of a background write is raised by the next [`Checkpointer.check`][] (the trainer
+      calls it after every step), `save`, `wait` or `close`.
+    - `read_only`: open for reading only: nothing in `directory` is created, cleaned or
+      deleted (a reader of a live run must not touch the writer's in-flight saves), and
+      `save` raises.
 
     !!! Example
 
@@ -75,88 +112,182 @@ class Checkpointer:
             ckpt = Checkpointer(f"{run_dir}/checkpoints", keep=3)
             ckpt.save(step, params, opt_state, data_iter, manifest)
             ckpt.wait()
-            restored = ckpt.restore(step, sk, data_iter)   # (params, opt_state)
+            restored = ckpt.restore(step, sk, data_iter)   # (params, opt_state), verified
             ckpt.close()
             return restored
         ```
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, keep: int = 3, async_save: bool = True
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
     ):
         self.directory = Path(directory).absolute()
-        if jax.process_index() == 0 and self.directory.is_dir():
-            # A save cut short by a crash leaves `<step>.orbax-checkpoint-tmp*`: never a
-            # checkpoint, so remove it now (orbax would too, but in the background).
-            for leftover in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,
-        )
+        self.read_only = read_only
+        if read_only:
+            if not self.directory.is_dir():
+                raise CheckpointError(f"There is no checkpoint directory {self.directory}.")
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0
+            )
+        else:
+            if jax.process_index() == 0 and self.directory.is_dir():
+                # A save cut short by a crash leaves `<step>.orbax-checkpoint-tmp*`: never a
+                # checkpoint, so the run's one writer (it holds the run's lock) removes it.
+                for leftover in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+                cleanup_tmp_directories=True,
+                # Directories made in `save` itself: an unwritable directory fails there, at
+                # once, instead of in a background wait that times out after minutes.
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+            )
         handlers = {
             "params": ocp.StandardCheckpointHandler(),
             "opt_state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         }
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers
-        )
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if read_only:  # orbax warns that the directory is read-only: that is the point
+            absl_log.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=handlers
+            )
+        finally:
+            absl_log.setLevel(level)
 
     def steps(self) -> list[int]:
         """The steps of the complete checkpoints, oldest first."""
+        if self.read_only:
+            self.manager.reload()  # a live writer may have added or removed steps
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or `None`."""
-        return self.manager.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def step_dir(self, step: int) -> Path:
+        """The directory of the checkpoint at `step`."""
+        return self.directory / str(step)
 
     def save(
         self, step: int, params: Any, opt_state: Any, data_iter: Any, manifest: Mapping[str, Any]
     ) -> None:
-        """Start saving a checkpoint at `step` (returns once the arrays are on the host)."""
+        """Start saving a checkpoint at `step` (returns once the arrays are on the host).
+
+        The manifest saved is `manifest` plus the checksum of every array, the data
+        iterator's state and the SHA-256 of the manifest itself.
+        """
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; it cannot save.")
+        self.check()
+        full = dict(manifest)
+        full["checksums"] = {
+            "format": CHECKSUM_FORMAT,
+            "params": tree_checksums(params),
+            "opt_state": tree_checksums(opt_state),
+        }
+        full["data_state"] = _jsonable_state(data_iter.get_state())
+        full["manifest_sha256"] = _manifest_hash(full)
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(dict(manifest)),
+            meta=ocp.args.JsonSave(full),
         )
-        self.manager.save(step, args=args, force=True)
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 -- re-raised with context
+            raise CheckpointError(
+                f"Saving the checkpoint at step {step} in {self.directory} failed "
+                f"({type(e).__name__}: {e}). Check that the directory is writable and has "
+                "space, then rerun the same command: it resumes from the last checkpoint."
+            ) from e
+
+    def check(self) -> None:
+        """Raise [`CheckpointError`][] now if a background save has failed (cheap)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 -- re-raised with context
+            raise CheckpointError(
+                f"A background checkpoint save in {self.directory} failed "
+                f"({type(e).__name__}: {e}). Check that the directory is writable and has "
+                "space, then rerun the same command: it resumes from the last checkpoint."
+            ) from e
 
     def manifest(self, step: int | None = None) -> dict[str, Any]:
-        """The manifest of the checkpoint at `step` (default: the latest)."""
+        """The manifest of the checkpoint at `step` (default: the latest), its own hash
+        verified."""
         step = self._step(step)
+        where = self.step_dir(step)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             manifest = out["meta"]
         except Exception as e:  # noqa: BLE001 -- re-raised with context
-            raise CheckpointError(
-                f"The checkpoint at step {step} in {self.directory} has no readable manifest "
-                f"({type(e).__name__}: {e}). It is corrupt or was not written by this harness; "
-                f"delete {self.directory / str(step)} to resume from the previous checkpoint."
+            if not where.is_dir():
+                raise CheckpointError(
+                    f"The checkpoint {where} disappeared while being read (a live run keeps "
+                    "only its latest checkpoints); read again."
+                ) from e
+            raise CheckpointCorruptError(
+                f"The checkpoint {where} has no readable manifest ({type(e).__name__}: {e}): "
+                f"it is corrupt or incomplete. {INTACT_FIX}"
             ) from e
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else manifest
-            raise CheckpointError(
-                f"The checkpoint at step {step} in {self.directory} has a manifest of format "
-                f"{found!r}, not {MANIFEST_FORMAT!r}: it was not written by this harness."
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest)
+            raise CheckpointCorruptError(
+                f"The checkpoint {where} has a manifest of format {found!r}, not "
+                f"{MANIFEST_FORMAT!r}: it is corrupt or was not written by this version of "
+                f"the harness. {INTACT_FIX}"
+            )
+        recorded = manifest.get("manifest_sha256")
+        if recorded != _manifest_hash(manifest):
+            raise CheckpointCorruptError(
+                f"The manifest of the checkpoint {where} (meta/metadata) does not match its "
+                f"recorded SHA-256: it was altered after it was saved. {INTACT_FIX}"
+            )
+        if manifest.get("step") != step:
+            raise CheckpointCorruptError(
+                f"The checkpoint {where} records step {manifest.get('step')!r}: it is not the "
+                f"step its directory names. {INTACT_FIX}"
             )
         return manifest
 
     def restore(
-        self, step: int, sk: Skeleton, data_iter: Any = None, *, opt_state: bool = True
+        self,
+        step: int,
+        sk: Skeleton,
+        data_iter: Any = None,
+        *,
+        opt_state: bool = True,
+        manifest: Mapping[str, Any] | None = None,
     ) -> tuple[Any, Any]:
-        """Load params (and optimizer and data-iterator state) into the skeleton `sk`.
+        """Load params (and optimizer and data-iterator state) into the skeleton `sk`,
+        verified against the manifest's checksums.
 
         The saved arrays' names and shapes are compared with the skeleton's first, so a
         checkpoint of another model raises [`CheckpointMismatchError`][] naming the arrays
-        that differ instead of restoring part of it. `data_iter` is restored in place.
+        that differ instead of restoring part of it. After loading, every array's checksum
+        and the data iterator's state are compared with those recorded at save time; a
+        difference raises [`CheckpointCorruptError`][] naming the array and the step
+        directory. `data_iter` is restored in place.
 
         **Returns:** `(params, opt_state)`; `opt_state` is `None` with `opt_state=False`.
         """
+        where = self.step_dir(step)
+        if manifest is None:
+            manifest = self.manifest(step)
         self._check_arrays(step, "params", sk.params)
         items: dict[str, Any] = {"params": ocp.args.StandardRestore(sk.params)}
         if opt_state:
@@ -167,21 +298,55 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 -- re-raised with context
-            raise CheckpointError(
-                f"Restoring the checkpoint at step {step} in {self.directory} failed "
-                f"({type(e).__name__}: {e}). It is corrupt or incomplete; delete "
-                f"{self.directory / str(step)} to resume from the previous checkpoint."
+            if not where.is_dir():
+                raise CheckpointError(
+                    f"The checkpoint {where} disappeared while being read (a live run keeps "
+                    "only its latest checkpoints); read again."
+                ) from e
+            raise CheckpointCorruptError(
+                f"Restoring the checkpoint {where} failed ({type(e).__name__}: {e}): it is "
+                f"corrupt or incomplete. {INTACT_FIX}"
             ) from e
+        checksums = manifest.get("checksums") or {}
+        if checksums.get("format") != CHECKSUM_FORMAT:
+            raise CheckpointCorruptError(
+                f"The manifest of {where} has no checksums of format {CHECKSUM_FORMAT!r}. "
+                f"{INTACT_FIX}"
+            )
+        names = ["params"] + (["opt_state"] if opt_state else [])
+        for item in names:
+            _verify_checksums(out[item], checksums.get(item), f"{item}", where)
+        if data_iter is not None:
+            state = _jsonable_state(data_iter.get_state())
+            if state != manifest.get("data_state"):
+                raise CheckpointCorruptError(
+                    f"The data-iterator state restored from {where / 'data'} is {state}, but "
+                    f"the manifest recorded {manifest.get('data_state')}: the checkpoint is "
+                    f"corrupt. {INTACT_FIX}"
+                )
         return out["params"], (out["opt_state"] if opt_state else None)
 
     def wait(self) -> None:
-        """Block until every pending save is complete on disk."""
-        self.manager.wait_until_finished()
+        """Block until every pending save is complete on disk (raising its error, if any)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- re-raised with context
+            raise CheckpointError(
+                f"A background checkpoint save in {self.directory} failed "
+                f"({type(e).__name__}: {e}). Check that the directory is writable and has "
+                "space, then rerun the same command: it resumes from the last checkpoint."
+            ) from e
 
     def close(self) -> None:
-        """Finish pending saves and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish pending saves and release the manager (its save error, if any, raised
+        after the manager is released)."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 -- the save error above is the one that matters
+                pass
 
     def _step(self, step: int | None) -> int:
         steps = self.steps()
@@ -196,12 +361,15 @@ class Checkpointer:
         return step
 
     def _check_arrays(self, step: int, item: str, template: Any) -> None:
+        where = self.step_dir(step)
         try:
             meta = self.manager.item_metadata(step)[item]
+            if meta is None:
+                raise ValueError("no metadata")
         except Exception as e:  # noqa: BLE001 -- re-raised with context
-            raise CheckpointError(
-                f"The checkpoint at step {step} in {self.directory} has no readable {item!r} "
-                f"({type(e).__name__}: {e}): it is corrupt or incomplete."
+            raise CheckpointCorruptError(
+                f"The checkpoint {where} has no readable {item!r} ({type(e).__name__}: {e}): "
+                f"it is corrupt or incomplete. {INTACT_FIX}"
             ) from e
         saved = {
             m.name: (tuple(m.shape), str(m.dtype))
@@ -224,9 +392,113 @@ class Checkpointer:
         if problems:
             shown = "\n  ".join(problems[:8]) + ("\n  ..." if len(problems) > 8 else "")
             raise CheckpointMismatchError(
-                f"The {item!r} saved at step {step} in {self.directory} do not match the model "
-                f"rebuilt from its manifest ({len(problems)} arrays differ):\n  {shown}"
+                f"The {item!r} saved in {where} do not match the model rebuilt from its "
+                f"manifest ({len(problems)} arrays differ):\n  {shown}\nIf this checkpoint "
+                "belongs to this run, its array metadata is damaged: "
+                f"{INTACT_FIX}"
             )
+
+
+# --------------------------------------------------------------------------- checksums
+
+_GOLDEN = np.uint32(0x9E3779B1)
+_MIX = np.uint32(0x85EBCA77)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    # Two sums mod 2**32 over the array's bits as unsigned words: words times odd weights
+    # (so a change of any one word, e.g. one flipped bit, changes the sum: an odd number
+    # times a nonzero difference below 2**32 is nonzero mod 2**32), and a position-keyed
+    # bijective mix of each word (so two changes rarely cancel in both). Integer addition
+    # is associative, so the result does not depend on sharding or reduction order.
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        u = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 8:
+        u = jax.lax.bitcast_convert_type(x, jnp.uint32)  # a trailing axis of 2 words
+    elif x.dtype.itemsize == 4:
+        u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+        word = {2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+        u = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+    idx = jnp.zeros(u.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(u.ndim)):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis)
+        idx = idx + iota * np.uint32(stride % 2**32)
+        stride *= u.shape[axis]
+    h1 = jnp.sum(u * (idx * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
+    m = (u ^ (idx * _GOLDEN)) * ((idx * _MIX) | np.uint32(1))
+    m = m ^ (m >> np.uint32(15))
+    h2 = jnp.sum(m, dtype=jnp.uint32)
+    return jnp.stack([h1, h2 + np.uint32(stride % 2**32)])
+
+
+_tree_checksum_fn = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def tree_checksums(tree: Any) -> dict[str, str]:
+    """The checksum of every array in `tree`, by its orbax name: `{name: 16 hex digits}`.
+
+    Computed on device from the arrays' bits (sharded arrays in place, the same value in
+    every process), so it costs one small reduction per array, not a copy to the host.
+    Any single flipped bit changes it.
+
+    **Arguments:**
+
+    - `tree`: a pytree of JAX arrays (params, optimizer state).
+
+    **Returns:** a dict from each leaf's path (as orbax names it) to its checksum.
+
+    !!! Example
+
+        ```python
+        import jax.numpy as jnp
+
+        a = {"w": jnp.arange(6.0).reshape(2, 3)}
+        b = {"w": a["w"].at[1, 2].set(jnp.nextafter(5.0, 6.0))}   # one bit differs
+        assert tree_checksums(a) != tree_checksums(b)
+        assert tree_checksums(a) == tree_checksums({"w": jnp.arange(6.0).reshape(2, 3)})
+        ```
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    names = [_orbax_name(path) for path, _ in leaves]
+    sums = _tree_checksum_fn([x for _, x in leaves])
+    out = {}
+    for name, s in zip(names, sums):
+        if s.is_fully_replicated:  # every process holds the whole (tiny) result
+            h = np.asarray(s.addressable_shards[0].data)
+        else:
+            h = np.asarray(multihost_utils.process_allgather(s, tiled=True))
+        out[name] = f"{int(h[0]):08x}{int(h[1]):08x}"
+    return out
+
+
+def _verify_checksums(tree: Any, recorded: Any, item: str, where: Path) -> None:
+    if not isinstance(recorded, dict):
+        raise CheckpointCorruptError(
+            f"The manifest of {where} has no checksums for {item!r}. {INTACT_FIX}"
+        )
+    now = tree_checksums(tree)
+    bad = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+    if bad:
+        raise CheckpointCorruptError(
+            f"The checkpoint {where} is corrupt: the {item!r} array(s) {', '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''} do not match the checksums recorded when it was "
+            f"saved (e.g. {bad[0]}: saved {recorded.get(bad[0])}, read {now.get(bad[0])}). "
+            f"{INTACT_FIX}"
+        )
+
+
+def _jsonable_state(state: Any) -> Any:
+    return json.loads(json.dumps(state, sort_keys=True, default=str))
+
+
+def _manifest_hash(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _orbax_name(path: Sequence[Any]) -> str:
@@ -336,24 +608,83 @@ def check_manifest(
             f"with the operators {done}, but this run would grow with {now}. Pass the same "
             "operator (train(..., op=...)) as the run that made it."
         )
-    expected_stage = schedule.stage_at(int(manifest["step"]))
-    if stage != expected_stage:
-        raise CheckpointError(
-            f"The checkpoint in {where} says step {manifest['step']} is in stage {stage + 1}, "
-            f"but the schedule {list(schedule.lengths)} puts it in stage {expected_stage + 1}: "
-            "the manifest is corrupt."
-        )
-    if data_info is not None and manifest.get("data") and dict(manifest["data"]) != dict(data_info):
+    check_counters(manifest, config=config, schedule=schedule, where=where)
+    if data_info is not None and dict(manifest.get("data") or {}) != dict(data_info):
+        saved = dict(manifest.get("data") or {})
+        differ = sorted(k for k in set(saved) | set(data_info) if saved.get(k) != data_info.get(k))
         raise CheckpointMismatchError(
-            f"The checkpoint in {where} was trained on other token files: saved "
-            f"{dict(manifest['data'])}, now {dict(data_info)}. Point data_dir at the original "
-            "data."
+            f"The checkpoint in {where} (step {manifest['step']}) was trained on other token "
+            f"files: {', '.join(differ)} differ (saved {[saved.get(k) for k in differ]}, now "
+            f"{[data_info.get(k) for k in differ]}). Point data_dir (--data-dir) at the data "
+            "the run was trained on, or start a new run directory."
         )
     if restoring_data and int(manifest.get("process_count", 1)) != jax.process_count():
         raise CheckpointMismatchError(
             f"The checkpoint in {where} was saved by {manifest['process_count']} processes, and "
             f"each saved its own data-iterator state; resume it with "
             f"{manifest['process_count']} processes, not {jax.process_count()}."
+        )
+
+
+def check_counters(
+    manifest: Mapping[str, Any], *, config: TrainConfig, schedule: GrowthSchedule, where: str
+) -> None:
+    """Raise [`CheckpointCorruptError`][] unless the manifest's counters agree with the
+    schedule: the stage of its step, one growth event per boundary passed (at the boundary's
+    step, with its operator, each depth following on from the last) ending at the recorded
+    depth, and the tokens trained so far.
+
+    !!! Example
+
+        ```python
+        from stackops_harness.config import preset
+        from stackops_harness.methods import growth_schedule
+
+        cfg = preset("smoke")
+        man = make_manifest(config=cfg, schedule=growth_schedule(cfg), step=0, stage=0, depth=1,
+                            growth=[], counters={"tokens": 0}, data_info={})
+        check_counters(man, config=cfg, schedule=growth_schedule(cfg), where="run")
+        ```
+    """
+
+    def bad(what: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"The manifest of the checkpoint at step {manifest.get('step')} in {where} is "
+            f"inconsistent: {what}. {INTACT_FIX}"
+        )
+
+    step, stage = manifest.get("step"), manifest.get("stage")
+    if not isinstance(step, int) or not isinstance(stage, int) or step < 0:
+        raise bad(f"step {step!r} and stage {stage!r} must be integers")
+    if step > schedule.total_steps:
+        raise bad(f"step {step} is beyond the schedule's {schedule.total_steps} steps")
+    if stage != schedule.stage_at(step):
+        raise bad(
+            f"it says step {step} is in stage {stage + 1}, but the schedule "
+            f"{list(schedule.lengths)} puts it in stage {schedule.stage_at(step) + 1}"
+        )
+    growth = manifest.get("growth")
+    if not isinstance(growth, list) or len(growth) != stage:
+        raise bad(f"stage {stage + 1} needs {stage} growth events, the history has {growth!r}")
+    depth = schedule.initial_depth
+    for i, event in enumerate(growth):
+        expected = {
+            "step": schedule.starts[i + 1],
+            "stage": i + 2,
+            "op": repr(schedule.ops[i]),
+            "depth_from": depth,
+        }
+        got = {k: event.get(k) if isinstance(event, dict) else None for k in expected}
+        if got != expected or not isinstance(event.get("depth_to"), int):
+            raise bad(f"growth event {i + 1} is {event!r}, expected {expected}")
+        depth = event["depth_to"]
+    if manifest.get("depth") != depth:
+        raise bad(f"depth {manifest.get('depth')!r}, but its growth history ends at depth {depth}")
+    tokens = (manifest.get("counters") or {}).get("tokens")
+    if tokens != step * config.tokens_per_step:
+        raise bad(
+            f"{tokens!r} tokens counted, but {step} steps of {config.tokens_per_step} tokens "
+            f"make {step * config.tokens_per_step}"
         )
 
 
@@ -365,6 +696,10 @@ def load_checkpoint(
     mesh: Mesh | None = None,
 ) -> tuple[Any, TrainConfig, dict[str, Any]]:
     """Load a trained model from a run directory: `(model, config, manifest)`.
+
+    Read-only: it creates, cleans and deletes nothing, so it is safe on a live run (a step
+    that the run removes while it is read raises [`CheckpointError`][]; read again). Every
+    array is verified against the checksums recorded when it was saved.
 
     The model is rebuilt at the depth and stage the manifest records (a looped model with
     its weight tying), and its arrays are restored sharded over `mesh`.
@@ -390,7 +725,9 @@ def load_checkpoint(
         raise CheckpointError(
             f"{run_dir} has no {CHECKPOINT_SUBDIR}/ directory: nothing saved there."
         )
-    ckpt = Checkpointer(directory, keep=1_000_000, async_save=False)
+    # Read-only: a reader never cleans, deletes or creates anything, so it may read a live
+    # run (whose in-flight saves are temporary directories a cleaning manager would remove).
+    ckpt = Checkpointer(directory, read_only=True)
     try:
         manifest = ckpt.manifest(step)
         config = config_from_dict(manifest["config"])
@@ -405,7 +742,13 @@ def load_checkpoint(
         )
         optimizer, _ = make_optimizer(config)
         sk = skeleton(config, schedule, int(manifest["stage"]), mesh or make_mesh(), optimizer)
-        params, _ = ckpt.restore(int(manifest["step"]), sk, opt_state=False)
+        if sk.depth != manifest["depth"]:
+            raise CheckpointCorruptError(
+                f"The checkpoint {ckpt.step_dir(manifest['step'])} records depth "
+                f"{manifest['depth']}, but its stage {manifest['stage'] + 1} has "
+                f"{sk.depth} blocks. {INTACT_FIX}"
+            )
+        params, _ = ckpt.restore(int(manifest["step"]), sk, opt_state=False, manifest=manifest)
     finally:
         ckpt.close()
     return sk.model(params), config, manifest

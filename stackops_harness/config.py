@@ -201,6 +201,11 @@ class TrainConfig:
         for name in ("lr", "b1", "b2", "weight_decay", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("lr", "b1", "b2", "weight_decay", "grad_clip", "alpha", "min_lr_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(
+                    f"TrainConfig.{name} must be a finite number, got {getattr(self, name)}."
+                )
         if not (self.b1 < 1 and self.b2 < 1):
             raise ValueError(f"TrainConfig: b1 and b2 must be < 1, got {self.b1}, {self.b2}.")
         # Method names are checked against the registry (which may grow at run time).

@@ -3,7 +3,10 @@
 The experiments train on local text only (nothing is downloaded): by default the Python
 standard library's own sources, see [`default_corpus_files`][]. Text becomes UTF-8 bytes
 (token ids 0..255), stored in nanoGPT's flat format: a raw array of `uint16` token ids,
-one file per split (`train.bin`, `val.bin`) plus a `meta.json`.
+one file per split (`train.bin`, `val.bin`) plus a `meta.json` that records, for each file,
+its dtype, length, largest id and SHA-256, and the vocabulary size. [`open_token_dir`][]
+checks all of them (and the largest id against the model's vocabulary) before a run trains
+on the files, so a replaced, truncated or wrongly written file is refused with advice.
 
 Training batches come from [`make_train_iter`][]: a grain pipeline over non-overlapping
 windows of `seq_len + 1` tokens, shuffled by seed, repeated forever, split across processes
@@ -13,6 +16,7 @@ saved with the model in a checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sysconfig
@@ -180,9 +184,205 @@ def load_tokens(path: str | os.PathLike[str]) -> np.memmap:
     if size % np.dtype(TOKEN_DTYPE).itemsize:
         raise ValueError(
             f"`path` {str(p)!r} has {size} bytes, not a whole number of uint16 tokens; "
-            "is it really a flat token file?"
+            "is it really a flat token file? (A file of uint8 ids, one byte per token, must be "
+            "rewritten with write_tokens(path, np.fromfile(path, np.uint8)).)"
         )
     return np.memmap(p, dtype=TOKEN_DTYPE, mode="r")
+
+
+class TokenDataError(ValueError):
+    """Token files that cannot be trained on: wrong dtype, changed content, ids beyond the
+    vocabulary, or a `meta.json` that disagrees with the files."""
+
+
+SPLITS = ("train", "val")
+
+
+def token_file_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe a flat `uint16` token file: `{"dtype", "length", "max_id", "sha256"}`.
+
+    One sequential pass over the file (about 1 GB/s), so it is cheap next to training.
+
+    **Arguments:**
+
+    - `path`: a token file.
+
+    **Returns:** the dtype name, the number of tokens, the largest id and the SHA-256 of
+    the file's bytes.
+
+    !!! Example
+
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> info = token_file_info(write_tokens(f"{d}/t.bin", [5, 7, 2]))
+        >>> info["dtype"], info["length"], info["max_id"], len(info["sha256"])
+        ('uint16', 3, 7, 64)
+    """
+    tokens = load_tokens(path)
+    digest = hashlib.sha256()
+    top = 0
+    chunk = 1 << 22
+    for start in range(0, len(tokens), chunk):
+        block = np.asarray(tokens[start : start + chunk])
+        digest.update(block.tobytes())
+        top = max(top, int(block.max()))
+    return {
+        "dtype": np.dtype(TOKEN_DTYPE).name,
+        "length": int(len(tokens)),
+        "max_id": top,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def write_token_meta(
+    out_dir: str | os.PathLike[str], *, vocab_size: int, **extra: Any
+) -> dict[str, Any]:
+    """Write (or rewrite) `meta.json` for the `train.bin` and `val.bin` in `out_dir`.
+
+    Use it after writing token files yourself with [`write_tokens`][], so that a run
+    verifies them. [`build_token_files`][] calls it.
+
+    **Arguments:**
+
+    - `out_dir`: the directory holding `train.bin` and `val.bin`.
+    - `vocab_size`: the vocabulary the ids come from (every id must be below it).
+    - `extra`: more JSON-able entries to record.
+
+    **Returns:** the metadata written.
+
+    !!! Example
+
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = write_tokens(f"{d}/train.bin", [1, 2, 3]), write_tokens(f"{d}/val.bin", [4])
+        >>> meta = write_token_meta(d, vocab_size=8)
+        >>> meta["token_files"]["train.bin"]["length"], meta["vocab_size"]
+        (3, 8)
+    """
+    out = Path(out_dir)
+    _check_positive_int("vocab_size", vocab_size)
+    files = {f"{name}.bin": token_file_info(out / f"{name}.bin") for name in SPLITS}
+    for name, info in files.items():
+        if info["max_id"] >= vocab_size:
+            raise TokenDataError(
+                f"{out / name} holds token id {info['max_id']}, not below `vocab_size`="
+                f"{vocab_size}; pass the vocabulary the ids come from."
+            )
+    meta = {**extra, "dtype": np.dtype(TOKEN_DTYPE).name, "vocab_size": int(vocab_size)}
+    meta["token_files"] = files
+    _atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=2).encode("utf-8"))
+    return meta
+
+
+def _dtype_advice(path: Path, tokens: np.ndarray, vocab_size: int) -> str:
+    """What a file that does not look like uint16 ids below `vocab_size` probably is."""
+    sample = np.asarray(tokens[: 1 << 20])
+    raw = sample.view(np.uint8)
+    if len(sample) >= 4 and not sample[1::2].any() and int(sample[0::2].max()) < vocab_size:
+        return (
+            f"every second uint16 of {path} is 0: it looks like int32 (or int64) ids. Rewrite "
+            f"it as uint16 with stackops_harness.data.write_tokens(path, "
+            f"np.fromfile(path, np.int32)) and rebuild meta.json (write_token_meta)."
+        )
+    top = int(sample.max())
+    # uint8 ids read in pairs: the high bytes are ids too, mostly nonzero (text bytes); ids
+    # of a vocabulary just over `vocab_size` have mostly zero high bytes.
+    high_mostly_nonzero = float(np.mean(raw[1::2] != 0)) > 0.5
+    if int(raw.max()) < vocab_size <= 256 and top >= vocab_size and high_mostly_nonzero:
+        return (
+            f"each of its bytes is a valid id but its uint16 ids are not, so it looks like "
+            f"uint8 ids (one byte per token). Rewrite it as uint16 with "
+            f"stackops_harness.data.write_tokens(path, np.fromfile(path, np.uint8)) and "
+            "rebuild meta.json (write_token_meta); only if its ids really come from a "
+            f"vocabulary of {top + 1} or more, raise TrainConfig.vocab_size instead."
+        )
+    return (
+        "if the ids really come from a larger vocabulary, raise TrainConfig.vocab_size to at "
+        "least the largest id + 1; otherwise rebuild the file with stackops-build-tokens."
+    )
+
+
+def open_token_dir(
+    data_dir: str | os.PathLike[str], *, vocab_size: int
+) -> tuple[np.memmap, np.memmap, dict[str, Any]]:
+    """Open `train.bin` and `val.bin` of `data_dir`, verified, for a model of `vocab_size`.
+
+    Each file is read once: its length, largest id and SHA-256 are compared with what
+    `meta.json` records (when it records them; files from older builds or other tools are
+    described from their content alone), its largest id with `vocab_size`, and the dtype
+    in `meta.json` with `uint16`. A mismatch raises [`TokenDataError`][] saying what
+    differs and what to do, including for files written as int32 or uint8 by mistake.
+
+    **Arguments:**
+
+    - `data_dir`: a directory with `train.bin` and `val.bin` (and usually `meta.json`).
+    - `vocab_size`: the model's vocabulary size.
+
+    **Returns:** `(train, val, info)`: the two read-only memmaps and
+    `{"train": {"length", "sha256"}, "val": {...}}`, the description a checkpoint records.
+
+    !!! Example
+
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = build_token_files([__file__, sysconfig.__file__], d, val_fraction=0.4)
+        >>> train, val, info = open_token_dir(d, vocab_size=256)
+        >>> info["train"]["length"] == len(train)
+        True
+    """
+    root = Path(data_dir)
+    meta_path = root / "meta.json"
+    meta: dict[str, Any] = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenDataError(
+                f"{meta_path} is not valid JSON ({e}); rebuild it with "
+                f"stackops_harness.data.write_token_meta({str(root)!r}, vocab_size=...)."
+            ) from e
+    dtype = meta.get("dtype")
+    if dtype is not None and dtype != np.dtype(TOKEN_DTYPE).name:
+        raise TokenDataError(
+            f"{meta_path} says the token files hold {dtype} ids, but the harness reads flat "
+            f"uint16 files. Rewrite them with stackops_harness.data.write_tokens(path, "
+            f"np.fromfile(path, np.{dtype})) and then write_token_meta."
+        )
+    meta_vocab = meta.get("vocab_size")
+    if isinstance(meta_vocab, int) and meta_vocab > vocab_size:
+        raise TokenDataError(
+            f"The token files in {root} have a vocabulary of {meta_vocab} (meta.json), but "
+            f"TrainConfig.vocab_size={vocab_size}; set vocab_size={meta_vocab}."
+        )
+    recorded = meta.get("token_files") or {}
+    arrays, info = [], {}
+    for split in SPLITS:
+        path = root / f"{split}.bin"
+        tokens = load_tokens(path)
+        now = token_file_info(path)
+        want = recorded.get(path.name)
+        if isinstance(want, dict):
+            for key in ("length", "sha256", "max_id"):
+                if want.get(key) != now[key]:
+                    raise TokenDataError(
+                        f"{path} does not match {meta_path}: its {key} is {now[key]}, meta.json "
+                        f"records {want.get(key)}. The file was replaced, truncated or "
+                        "corrupted after meta.json was written: restore it, or if the new "
+                        "file is right, rebuild meta.json with stackops_harness.data."
+                        "write_token_meta (or stackops-build-tokens)."
+                    )
+        if now["max_id"] >= vocab_size:
+            raise TokenDataError(
+                f"{path} holds token id {now['max_id']}, but TrainConfig.vocab_size="
+                f"{vocab_size}: {_dtype_advice(path, tokens, vocab_size)}"
+            )
+        if len(tokens) >= 4 and not np.asarray(tokens[1 : 1 << 21 : 2]).any():
+            raise TokenDataError(
+                f"{path}: {_dtype_advice(path, tokens, vocab_size)}"
+            )
+        arrays.append(tokens)
+        info[split] = {"length": now["length"], "sha256": now["sha256"]}
+    return arrays[0], arrays[1], info
 
 
 # --------------------------------------------------------------------------- corpora
@@ -294,7 +494,8 @@ def build_token_files(
     **Returns:**
 
     The metadata also written to `meta.json`: token and file counts per split, the
-    sources, seed and the files of each split.
+    sources, seed and the files of each split, and (see [`write_token_meta`][]) each token
+    file's dtype, length, largest id and SHA-256.
 
     !!! Example
 
@@ -357,8 +558,7 @@ def build_token_files(
         },
         "files": {name: [str(docs[i][0]) for i in idx] for name, idx in splits.items()},
     }
-    _atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=2).encode("utf-8"))
-    return meta
+    return write_token_meta(out, **meta)
 
 
 # --------------------------------------------------------------------------- pipeline

@@ -24,8 +24,10 @@ second run of the same shapes (another seed, another copying method) skips compi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
+import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -42,6 +44,8 @@ from stackops.models import flops_per_token
 from . import data
 from .checkpoint import (
     CHECKPOINT_SUBDIR,
+    CORRUPT_SUBDIR,
+    CheckpointCorruptError,
     Checkpointer,
     check_manifest,
     make_manifest,
@@ -49,6 +53,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, config_to_dict
 from .evaluate import EvalSet, make_eval_step
+from .lock import RunLock, RunLockedError
 from .methods import GrowthSchedule, growth_schedule
 from .metrics import Clock, MetricsLog, Progress, read_metrics
 from .paths import data_root
@@ -210,6 +215,65 @@ def _enable_compile_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# --------------------------------------------------------------------------- the run directory
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    """Create, write, sync and remove a probe file in `directory`, or raise at once."""
+    probe = directory / f".write-probe-{os.getpid()}-{jax.process_index()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise OSError(
+            f"The {what} {directory} is not writable ({type(e).__name__}: {e.strerror or e}); "
+            "fix its permissions or free space, or choose another --out / run_dir."
+        ) from e
+
+
+def _lock_run_dir(run_dir: Path) -> RunLock:
+    """Check that `run_dir` is a writable directory and take its writer's lock (process 0;
+    the other processes learn the outcome and fail with it)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(
+            f"The run directory (--out / run_dir) {run_dir} is a file, not a directory; "
+            "give a new or existing directory path."
+        )
+    lock = RunLock(run_dir)
+    error: BaseException | None = None
+    if jax.process_index() == 0:
+        try:
+            _check_writable(run_dir, "run directory")
+            if (run_dir / CHECKPOINT_SUBDIR).exists() and not (
+                run_dir / CHECKPOINT_SUBDIR
+            ).is_dir():
+                raise NotADirectoryError(
+                    f"{run_dir / CHECKPOINT_SUBDIR} is a file; the run keeps its checkpoints "
+                    "in that directory. Move the file away or choose another --out / run_dir."
+                )
+            lock.acquire()
+            _check_writable(run_dir / CHECKPOINT_SUBDIR, "checkpoint directory")
+        except (OSError, RunLockedError) as e:
+            lock.release()
+            error = e
+    if jax.process_count() > 1:
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if int(failed) and error is None:
+            raise RunLockedError(
+                f"Process 0 could not open the run directory {run_dir} for writing (see its "
+                "error)."
+            )
+    if error is not None:
+        raise error
+    if jax.process_index() != 0:
+        _check_writable(run_dir / CHECKPOINT_SUBDIR, "checkpoint directory")
+    return lock
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -256,6 +320,23 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.is_main = jax.process_index() == 0
+        self.log: MetricsLog | None = None
+        self.bar: Progress | None = None
+        self.ckpt: Checkpointer | None = None
+        self.lock = _lock_run_dir(self.run_dir)
+        try:
+            self._setup(config, op, on_eval, mesh)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(
+        self,
+        config: TrainConfig,
+        op: so.AbstractGrowth | Sequence[so.AbstractGrowth] | None,
+        on_eval: EvalHook | Sequence[EvalHook] | None,
+        mesh: Mesh | None,
+    ) -> None:
         if on_eval is None:
             self.hooks: list[EvalHook] = []
         elif callable(on_eval):
@@ -273,13 +354,11 @@ class Trainer:
         self.attention, self.attention_fn = run_attention(config, self.mesh)
 
         data_dir = prepare_data(config)
-        self.train_tokens = data.load_tokens(data_dir / "train.bin")
-        self.val_tokens = data.load_tokens(data_dir / "val.bin")
-        self.data_info = {
-            "train_tokens": len(self.train_tokens),
-            "val_tokens": len(self.val_tokens),
-        }
-        self._check_vocab(data_dir)
+        # Verified against meta.json (dtype, length, SHA-256) and the vocabulary; the
+        # checkpoint manifest records the hashes, so a resume on other data is refused.
+        self.train_tokens, self.val_tokens, self.data_info = data.open_token_dir(
+            data_dir, vocab_size=config.vocab_size
+        )
         self.train_iter = data.make_train_iter(
             self.train_tokens,
             seq_len=config.seq_len,
@@ -297,35 +376,79 @@ class Trainer:
             ),
             self.mesh,
         )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt = Checkpointer(
             self.run_dir / CHECKPOINT_SUBDIR,
             keep=config.keep_checkpoints,
             async_save=config.async_checkpoints,
         )
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.log: MetricsLog | None = None
-        self.bar: Progress | None = None
 
     # ------------------------------------------------------------------ setup helpers
 
-    def _check_vocab(self, data_dir: Path) -> None:
-        meta = data_dir / "meta.json"
-        vocab = json.loads(meta.read_text()).get("vocab_size") if meta.is_file() else None
-        if vocab is not None:
-            if vocab > self.config.vocab_size:
-                raise ValueError(
-                    f"The token files in {data_dir} have a vocabulary of {vocab} (meta.json), "
-                    f"but TrainConfig.vocab_size={self.config.vocab_size}; set vocab_size={vocab}."
+    def _resume_point(self, resume_from_intact: bool) -> tuple[Any, ...] | None:
+        """`(manifest, skeleton, params, opt_state)` of the checkpoint to resume from, all
+        verified (the data iterator restored in place), or `None` when there is none.
+
+        A corrupt newest checkpoint is refused; with `resume_from_intact` the newest intact
+        one is used instead and every newer step directory is moved (not deleted) to
+        `corrupt-checkpoints/`, so that the steps can be saved again.
+        """
+        assert self.ckpt is not None
+        steps = self.ckpt.steps()
+        for i in range(len(steps) - 1, -1, -1):
+            try:
+                saved = self.ckpt.manifest(steps[i])
+                check_manifest(
+                    saved,
+                    config=self.config,
+                    schedule=self.schedule,
+                    data_info=self.data_info,
+                    where=str(self.run_dir),
                 )
-            return
-        for name, toks in (("train", self.train_tokens), ("val", self.val_tokens)):
-            top = int(np.max(toks))
-            if top >= self.config.vocab_size:
-                raise ValueError(
-                    f"The {name} token file holds token id {top}, but TrainConfig.vocab_size="
-                    f"{self.config.vocab_size}; raise vocab_size to at least {top + 1}."
+                if self.depths[int(saved["stage"])] != saved["depth"]:
+                    raise CheckpointCorruptError(
+                        f"The checkpoint {self.ckpt.step_dir(steps[i])} records depth "
+                        f"{saved['depth']}, but its stage has {self.depths[int(saved['stage'])]} "
+                        "blocks."
+                    )
+                sk = self._skeleton(int(saved["stage"]))
+                params, opt_state = self.ckpt.restore(
+                    steps[i], sk, self.train_iter, manifest=saved
                 )
+                return saved | {"_passed_over": steps[i + 1 :]}, sk, params, opt_state
+            except CheckpointCorruptError as e:
+                if not resume_from_intact:
+                    raise
+                self._corrupt_reasons.append(str(e))
+        if steps:
+            raise CheckpointCorruptError(
+                f"No intact checkpoint in {self.ckpt.directory} (steps {steps}); the newest "
+                f"failed with: {self._corrupt_reasons[0] if self._corrupt_reasons else '?'} "
+                "Start a new run directory."
+            )
+        return None
+
+    def _set_aside(self, steps: Sequence[int]) -> list[str]:
+        """Move the step directories of `steps` to `corrupt-checkpoints/` (process 0)."""
+        assert self.ckpt is not None
+        moved = []
+        if self.is_main and steps:
+            dest = self.run_dir / CORRUPT_SUBDIR
+            dest.mkdir(exist_ok=True)
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for step in steps:
+                target = dest / f"{step}-{stamp}"
+                shutil.move(str(self.ckpt.step_dir(step)), str(target))
+                moved.append(str(target))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("stackops:set_aside")
+        self.ckpt.close()
+        self.ckpt = Checkpointer(
+            self.run_dir / CHECKPOINT_SUBDIR,
+            keep=self.config.keep_checkpoints,
+            async_save=self.config.async_checkpoints,
+        )
+        return moved
 
     def _skeleton(self, stage: int) -> Skeleton:
         return skeleton(self.config, self.schedule, stage, self.mesh, self.optimizer)
@@ -375,18 +498,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def run(self, *, stop_after: int | None = None, resume: bool = True) -> TrainResult:
+    def run(
+        self,
+        *,
+        stop_after: int | None = None,
+        resume: bool = True,
+        resume_from_intact: bool = False,
+    ) -> TrainResult:
         """Train to `config.total_steps` (or to `stop_after` steps), resuming if possible.
 
         **Arguments:**
 
-        - `stop_after`: stop (with a checkpoint) once this many steps are done; the run can
-          be resumed later and ends exactly as an uninterrupted one.
+        - `stop_after`: stop (with a checkpoint) once this many steps are done (a positive
+          int); the run can be resumed later and ends exactly as an uninterrupted one.
         - `resume`: continue from the latest checkpoint in `run_dir` if there is one;
           `False` raises when there is one (start a new directory instead).
+        - `resume_from_intact`: when the latest checkpoint is corrupt, resume from the
+          newest intact one (the newer step directories are moved to
+          `corrupt-checkpoints/`, never deleted). Without it a corrupt checkpoint raises
+          [`CheckpointCorruptError`][stackops_harness.checkpoint.CheckpointCorruptError].
 
         **Returns:** a [`TrainResult`][].
         """
+        if stop_after is not None and (
+            isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
+        ):
+            raise ValueError(
+                f"`stop_after` (--stop-after) must be a positive number of steps, got "
+                f"{stop_after!r}; leave it unset to train to total_steps."
+            )
+        assert self.ckpt is not None
         cfg, sched = self.config, self.schedule
         latest = self.ckpt.latest_step()
         if latest is not None and not resume:
@@ -394,18 +535,16 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints (latest step {latest}); pass "
                 "resume=True to continue that run, or choose a new run directory."
             )
-        if latest is not None:
-            saved = self.ckpt.manifest(latest)
-            check_manifest(
-                saved,
-                config=cfg,
-                schedule=sched,
-                data_info=self.data_info,
-                where=str(self.run_dir),
-            )
+        self._corrupt_reasons: list[str] = []
+        point = self._resume_point(resume_from_intact) if latest is not None else None
+        set_aside: list[str] = []
+        if point is not None:
+            saved, sk, params, opt_state = point
+            if saved["_passed_over"]:
+                set_aside = self._set_aside(saved["_passed_over"])
+            if self.is_main and not (self.run_dir / "config.json").is_file():
+                write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
             step, stage = int(saved["step"]), int(saved["stage"])
-            sk = self._skeleton(stage)
-            params, opt_state = self.ckpt.restore(step, sk, self.train_iter)
             growth = list(saved["growth"])
             counters = dict(saved["counters"])
             self.clock.restore(counters.get("time", {}))
@@ -438,6 +577,12 @@ class Trainer:
                 "processes": jax.process_count(),
                 "backend": jax.default_backend(),
                 "attention": self.attention,
+                "pid": os.getpid(),
+                **(
+                    {"set_aside": set_aside, "corrupt": self._corrupt_reasons}
+                    if set_aside
+                    else {}
+                ),
             }
         )
         self.bar = Progress(sched.total_steps, step, enabled=cfg.progress and self.is_main)
@@ -561,6 +706,7 @@ class Trainer:
             window["flops"] += self._flops_per_step(stage)
             pending.append(step_metrics)
             self.bar.update(1)
+            self.ckpt.check()  # a failed background save stops the run now, not minutes later
 
             boundary = stage + 1 < sched.num_stages and step == sched.starts[stage + 1]
             eval_due = (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == total
@@ -629,12 +775,18 @@ class Trainer:
         )
 
     def close(self) -> None:
-        """Finish pending checkpoint writes and close files (safe to call twice)."""
-        if self.bar is not None:
-            self.bar.close()
-        if self.log is not None:
-            self.log.close()
-        self.ckpt.close()
+        """Finish pending checkpoint writes, close files and release the run directory's
+        lock (safe to call twice; a pending save's error is raised after all that)."""
+        try:
+            if self.bar is not None:
+                self.bar.close()
+            if self.log is not None:
+                self.log.close()
+            if self.ckpt is not None:
+                ckpt, self.ckpt = self.ckpt, None
+                ckpt.close()
+        finally:
+            self.lock.release()
 
 
 def train(
@@ -645,6 +797,7 @@ def train(
     on_eval: EvalHook | Sequence[EvalHook] | None = None,
     stop_after: int | None = None,
     resume: bool = True,
+    resume_from_intact: bool = False,
     mesh: Mesh | None = None,
 ) -> TrainResult:
     """Train the reference LM under `config` in `run_dir`, resuming if it holds checkpoints.
@@ -659,6 +812,9 @@ def train(
     - `stop_after`: stop after this many steps (with a checkpoint), to resume later.
     - `resume`: continue from the latest checkpoint (default); `False` refuses a directory
       that holds one.
+    - `resume_from_intact`: if the latest checkpoint is corrupt, resume from the newest
+      intact one (newer steps are moved to `corrupt-checkpoints/`); by default a corrupt
+      checkpoint is refused.
     - `mesh`: the device mesh (default: all devices on one `data` axis).
 
     **Returns:** a [`TrainResult`][] (final model, metrics path, last manifest, ...).
@@ -677,6 +833,14 @@ def train(
     """
     trainer = Trainer(config, run_dir, op=op, on_eval=on_eval, mesh=mesh)
     try:
-        return trainer.run(stop_after=stop_after, resume=resume)
-    finally:
-        trainer.close()
+        result = trainer.run(
+            stop_after=stop_after, resume=resume, resume_from_intact=resume_from_intact
+        )
+    except BaseException:
+        try:
+            trainer.close()
+        except Exception:  # noqa: BLE001 -- the first error is the one to report
+            pass
+        raise
+    trainer.close()
+    return result

@@ -9,6 +9,7 @@ By default the corpus is the Python standard library's own sources (no download)
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -45,9 +46,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        return _build(args)
+    except (ValueError, OSError) as e:
+        # One line, no traceback: the messages name the flag or file and the fix.
+        print(f"stackops-build-tokens: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
-    if args.max_mb <= 0:
-        parser.error(f"--max-mb must be positive, got {args.max_mb}")
+
+def _check_flags(args: argparse.Namespace) -> None:
+    if not args.max_mb > 0 or args.max_mb == float("inf"):
+        raise ValueError(f"--max-mb must be a positive number of megabytes, got {args.max_mb}.")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise ValueError(
+            f"--val-fraction must lie strictly between 0 and 1 (e.g. 0.05), got "
+            f"{args.val_fraction}."
+        )
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a directory for the token files.")
+    for src in args.src or []:
+        if not src.exists():
+            raise ValueError(f"--src {src} does not exist; give a text file or a directory.")
+
+
+def _build(args: argparse.Namespace) -> dict:
+    _check_flags(args)
     start = time.perf_counter()
     if args.src:
         sources: list[Path] = args.src
@@ -55,16 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         sources = data.default_corpus_files(max_bytes=int(args.max_mb * 1e6))
         label = f"stdlib ({len(sources)} files)"
-    try:
-        meta = data.build_token_files(
-            sources,
-            args.out,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            pattern=args.pattern,
-        )
-    except ValueError as e:
-        parser.error(str(e))
+    meta = data.build_token_files(
+        sources,
+        args.out,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        pattern=args.pattern,
+    )
     elapsed = time.perf_counter() - start
 
     n, f = meta["num_tokens"], meta["num_files"]

@@ -49,7 +49,7 @@ def compile_cache() -> str:
 
 def smoke(**overrides):
     """The smoke preset on the test token files, without a progress bar."""
-    return preset("smoke", data_dir=str(token_dir()), progress=False, **overrides)
+    return preset("smoke", **{"data_dir": str(token_dir()), "progress": False, **overrides})
 
 
 def params_of(model) -> list[np.ndarray]:
@@ -67,11 +67,33 @@ def val_losses(metrics_path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in read_metrics(metrics_path, "eval")}
 
 
+# Every checkpoint of a smoke run: every ckpt_every=10 steps and at every stage boundary.
+SMOKE_CHECKPOINTS = [4, 10, 12, 20, 24, 30, 40]
+
+
 @functools.cache
 def reference_run():
-    """An uninterrupted smoke run (MIDAS, 4 stages, 40 steps) in this process, once."""
-    result = train(smoke(), _TMP / "reference")
+    """An uninterrupted smoke run (MIDAS, 4 stages, 40 steps) in this process, once; it keeps
+    all its checkpoints (`SMOKE_CHECKPOINTS`)."""
+    result = train(smoke(keep_checkpoints=len(SMOKE_CHECKPOINTS)), _TMP / "reference")
     return result, params_of(result.model)
+
+
+def flip_bit(path: Path, rng) -> int:
+    """Flip one random bit of the file at `path` in place; return the bit's index."""
+    raw = bytearray(path.read_bytes())
+    bit = rng.randrange(8 * len(raw))
+    raw[bit // 8] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(raw))
+    return bit
+
+
+def one_line_error(stderr: str) -> str:
+    """The refusal a command line printed: exactly one non-empty line, no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip() and "absl" not in line]
+    assert len(lines) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "Event loop is closed" not in stderr, stderr[-3000:]
+    return lines[0]
 
 
 def run_cli(

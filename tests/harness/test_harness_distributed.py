@@ -1,6 +1,7 @@
 """The same run on another number of devices, and on two processes, gives the same losses."""
 
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,9 @@ from harness_support import (
     ROOT,
     TRAIN_CMD,
     free_port,
+    one_line_error,
     reference_run,
+    run_cli,
     smoke_cli_args,
     subprocess_env,
     subprocess_reference,
@@ -16,6 +19,7 @@ from harness_support import (
     val_losses,
 )
 
+from stackops_harness.checkpoint import Checkpointer
 from stackops_harness.metrics import read_metrics
 
 
@@ -37,18 +41,13 @@ def test_one_device_and_eight_devices_give_the_same_losses():
     _assert_same_losses(result.metrics_path, other / "metrics.jsonl")
 
 
-def test_two_processes_give_the_same_losses_as_one(tmp_path):
-    """jax.distributed over loopback (gloo): two processes, each with its grain shard of
-    every global batch, train exactly the one-process run (through a stage boundary and
-    two checkpoints; stopped at step 12 to keep the test short)."""
-    result, _ = reference_run()
-    out = tmp_path / "two-procs"
+def _two_processes(out: Path, *extra: str) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for i in range(2):
         cmd = [
             *TRAIN_CMD,
-            *smoke_cli_args(out, "--stop-after", "12"),
+            *smoke_cli_args(out, *extra),
             "--devices",
             "1",
             "--coordinator",
@@ -68,6 +67,10 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
                 text=True,
             )
         )
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen]) -> None:
     outputs = []
     try:
         for p in procs:
@@ -78,6 +81,17 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
                 p.kill()
     for p, text in zip(procs, outputs):
         assert p.returncode == 0, text[-3000:]
+
+
+def test_two_processes_give_the_same_losses_as_one(tmp_path):
+    """jax.distributed over loopback (gloo): two processes, each with its grain shard of
+    every global batch, train exactly the one-process run (through a stage boundary and
+    two checkpoints; stopped at step 12 to keep the test short). A two-process run killed
+    (SIGKILL, both processes) after a checkpoint and resumed by two processes equals the
+    uninterrupted one bit for bit; resuming it with one process is refused, clearly."""
+    result, _ = reference_run()
+    out = tmp_path / "two-procs"
+    _finish(_two_processes(out, "--stop-after", "12"))
     start = read_metrics(out / "metrics.jsonl", "start")[0]
     assert (start["processes"], start["devices"]) == (2, 2)
     _assert_same_losses(result.metrics_path, out / "metrics.jsonl", steps=12)
@@ -85,3 +99,34 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path):
     # Each process saved its own data-iterator state in every checkpoint.
     names = sorted(p.name for p in (out / "checkpoints" / "12" / "data").iterdir())
     assert "process_0-of-2.json" in names and "process_1-of-2.json" in names
+
+    killed = tmp_path / "killed"
+    procs = _two_processes(killed, "--stop-after", "12")
+    metrics = killed / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            records = read_metrics(metrics) if metrics.exists() else []
+            if any(r["kind"] == "train" and r["step"] == 7 for r in records):
+                break  # past the step-4 checkpoint, in the middle of stage 2
+            time.sleep(0.01)
+        assert all(p.poll() is None for p in procs), "the run ended before it was killed"
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    reader = Checkpointer(killed / "checkpoints", read_only=True)
+    newest = reader.latest_step()
+    reader.close()
+    assert newest == 4
+    _finish(_two_processes(killed, "--stop-after", "12"))
+    resumes = read_metrics(metrics, "resume")
+    assert [r["step"] for r in resumes] == [newest]
+    assert [r["step"] for r in read_metrics(metrics, "train")] == list(range(1, 13))
+    assert train_losses(metrics) == train_losses(out / "metrics.jsonl")
+    assert val_losses(metrics) == val_losses(out / "metrics.jsonl")
+
+    one = run_cli(smoke_cli_args(killed, "--stop-after", "14"), devices=2, check=False)
+    assert one.returncode == 2
+    line = one_line_error(one.stderr)
+    assert "saved by 2 processes" in line and "resume it with 2 processes" in line

@@ -14,6 +14,7 @@ HARNESS_MODULES = [
     "corpus",
     "evaluate",
     "methods",
+    "lock",
     "metrics",
     "paths",
     "reasoning",

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from harness_support import (
+    SMOKE_CHECKPOINTS,
     params_of,
     reference_run,
     smoke,
@@ -69,13 +70,21 @@ def test_smoke_run_grows_through_every_stage_and_logs_it():
 
 
 def test_checkpoints_hold_each_stage_and_load_at_their_depth():
+    """A checkpoint every ckpt_every steps and at every stage boundary (after growing), each
+    loading at its stage's depth with the growth history up to it."""
     result, params = reference_run()
     steps = sorted(int(p.name) for p in (result.run_dir / "checkpoints").iterdir())
-    assert steps[-1] == 40 and len(steps) == 2  # keep_checkpoints=2
-    model, config, manifest = load_checkpoint(result.run_dir)
-    assert config == result.config
-    assert (manifest["step"], manifest["stage"], manifest["depth"]) == (40, 3, 4)
-    assert [g["depth_to"] for g in manifest["growth"]] == [2, 3, 4]
+    assert steps == SMOKE_CHECKPOINTS  # 10, 20, 30, 40 and the boundaries 4, 12, 24
+    # Prop-1 over 40 steps: stage i (0-based) starts at (0, 4, 12, 24) with i + 1 blocks; a
+    # boundary checkpoint holds the grown model that the next stage trains.
+    expected = {4: (1, 2), 10: (1, 2), 12: (2, 3), 20: (2, 3), 24: (3, 4), 30: (3, 4), 40: (3, 4)}
+    for step in steps:
+        model, config, manifest = load_checkpoint(result.run_dir, step)
+        assert config == result.config
+        stage, depth = expected[step]
+        assert (manifest["step"], manifest["stage"], manifest["depth"]) == (step, stage, depth)
+        assert model.depth == depth and len(model.blocks) == depth
+        assert [g["depth_to"] for g in manifest["growth"]] == [2, 3, 4][:stage]
     for a, b in zip(params_of(model), params):
         np.testing.assert_array_equal(a, b)
 
