@@ -33,7 +33,7 @@ __all__ = [
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPT_POLICIES = ("copy", "zero", "init")
-ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel")  # attention cores, see stackops_harness.attention
+ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel", "dot-product")  # see stackops_harness.attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,9 @@ class TrainConfig:
       `attention` (the attention core: `"auto"` uses the fused CPU kernel of
       `stackops_harness.attention` where it applies (CPU, float32, head dimension a multiple of 16)
       and XLA's `jax.numpy` core elsewhere; `"xla"` or `"cpu-kernel"` force one).
+      On GPU `"auto"` is `"dot-product"`: `jax.nn.dot_product_attention`, through cuDNN's
+      fused kernel where it applies (bfloat16, head dimension a multiple of 8), XLA's
+      implementation otherwise.
     - Growth: `method` (a name from `stackops_harness.methods.method_names()`, `"a+b"` to compose
       two operators per stage, or `"custom"` with an operator passed to `train`), `stages`,
       `alpha`, `preserve` (grow function-preservingly: new blocks start as identities),
