@@ -33,6 +33,7 @@ __all__ = [
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPT_POLICIES = ("copy", "zero", "init")
+PROVENANCE_KEY = "provenance"  # not a field: config.json's record of where a run ran
 ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel", "dot-product")  # see stackops_harness.attention
 
 
@@ -352,6 +353,8 @@ def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
         ```
     """
     names = [f.name for f in dataclasses.fields(TrainConfig)]
+    # A run's config.json also records where it ran (stackops_harness.provenance).
+    values = {k: v for k, v in values.items() if k != PROVENANCE_KEY}
     for key in values:
         if key not in names:
             raise ValueError(f"Unknown config field {key!r}{_did_you_mean(key, names)}.")
