@@ -211,7 +211,12 @@ class TensorBoardSink:
     def _open(self, purge_step: int | None) -> Any:
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(self.logdir), purge_step=purge_step, flush_secs=10)
+        # tensorboardX names event files by the second and the host: a suffix keeps a quick
+        # resume (or a second sink on one directory) from overwriting the earlier file.
+        suffix = f".{os.getpid()}.{time.time_ns()}"
+        self._writer = SummaryWriter(
+            str(self.logdir), purge_step=purge_step, flush_secs=10, filename_suffix=suffix
+        )
         return self._writer
 
     def write(self, record: Mapping[str, Any]) -> None:
