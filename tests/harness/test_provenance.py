@@ -37,10 +37,14 @@ def test_git_state_gives_the_commit_and_whether_tracked_files_changed(tmp_path):
 def test_git_state_is_none_outside_the_top_of_a_checkout(tmp_path):
     assert git_state(tmp_path) is None  # not a repository
     _git(tmp_path, "init", "-q")
+    assert git_state(tmp_path) is None  # a repository without commits
     (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("one\n")
+    _git(tmp_path, "add", "sub/a.txt")
+    _git(tmp_path, "commit", "-q", "-m", "first")
+    assert git_state(tmp_path) is not None
     # Inside some other repository (an install in a project's .venv): not our commit.
     assert git_state(tmp_path / "sub") is None
-    assert git_state(tmp_path) is None  # a repository without commits
 
 
 def test_git_state_never_fails_without_git(tmp_path, monkeypatch):
