@@ -152,6 +152,7 @@ def test_disabled_log_writes_no_sink_and_a_bad_sink_is_refused(tmp_path):
 
 
 def test_tensorboard_sink_writes_numeric_fields_and_purges_after_a_resume(tmp_path):
+    pytest.importorskip("tensorboardX")
     sink = TensorBoardSink(tmp_path)
     sink.write({"kind": "start", "step": 0, "method": "midas", "params": 1000})
     sink.write({"kind": "train", "step": 10, "loss": 5.5, "tokens_per_s": None, "ok": True})
@@ -175,6 +176,7 @@ def test_tensorboard_sink_writes_numeric_fields_and_purges_after_a_resume(tmp_pa
 
 
 def test_training_feeds_sinks_and_prints_a_line_per_log_interval(tmp_path, capsys):
+    pytest.importorskip("tensorboardX")
     collect = Collect()
     cfg = dataclasses.replace(smoke(log_every=5), progress=True)
     result = train(cfg, tmp_path / "run", sinks=[collect, TensorBoardSink(tmp_path / "tb")])
