@@ -15,12 +15,19 @@ about 3 s) into a cache directory (`$STACKOPS_KERNEL_CACHE`, else
 `~/.cache/stackops/kernels`), keyed by the source, the jaxlib version and the CPU, so a
 cached build is never used on another kind of machine. Nothing is downloaded.
 
+[`dot_product_causal_attention`][] is the same function again through
+`jax.nn.dot_product_attention`: on GPU with bfloat16 (or float16) inputs it runs cuDNN's
+fused flash-attention kernel, which never materialises the `B·H·T·T` scores; elsewhere
+(CPU, float32) it runs XLA's implementation of that function.
+
 [`resolve_attention`][] turns the config's `attention` field into the function the model
 calls: `"xla"` (the `jax.numpy` core), `"cpu-kernel"` (the kernel, or a clear error saying
-why it cannot run), or `"auto"` (the kernel where it applies: CPU devices, float32, a head
-dimension that is a multiple of 16, a working compiler; XLA's core otherwise). On a mesh of
-several devices the kernel runs under `jax.shard_map`, each device attending over its own
-rows.
+why it cannot run), `"dot-product"` (`jax.nn.dot_product_attention`, cuDNN where it
+applies), or `"auto"`: on CPU the kernel where it applies (float32, a head dimension that
+is a multiple of 16, a working compiler), XLA's core otherwise; on GPU `"dot-product"`;
+XLA's core on other devices. On a mesh of several devices the kernel runs under
+`jax.shard_map`, each device attending over its own rows; `jax.nn.dot_product_attention`
+is partitioned by XLA over the batch-sharded rows.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ __all__ = [
     "KernelUnavailable",
     "build_kernel",
     "cpu_causal_attention",
+    "cudnn_problem",
+    "dot_product_causal_attention",
     "kernel_problem",
     "resolve_attention",
 ]
@@ -322,6 +331,147 @@ def kernel_problem(*, compute_dtype: str, head_dim: int, devices: Any) -> str | 
     return None
 
 
+CUDNN_DTYPES = ("bfloat16", "float16")  # cuDNN's fused attention takes no float32
+
+
+def _check_dot_product(q: Any, k: Any, v: Any, rope: Any, implementation: str) -> None:
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "dot_product_causal_attention: q, k and v must share one shape (batch, time, "
+            f"heads, head_dim); got {q.shape}, {k.shape}, {v.shape}."
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            "dot_product_causal_attention: q, k and v must share one dtype, got "
+            f"{q.dtype}/{k.dtype}/{v.dtype}."
+        )
+    if implementation not in ("xla", "cudnn"):
+        raise ValueError(
+            f"dot_product_causal_attention: implementation must be 'xla' or 'cudnn', got "
+            f"{implementation!r}."
+        )
+    if implementation == "cudnn" and q.dtype.name not in CUDNN_DTYPES:
+        raise ValueError(
+            f"dot_product_causal_attention: cuDNN's fused attention takes {CUDNN_DTYPES} "
+            f"inputs, got {q.dtype}: use compute_dtype='bfloat16' or implementation='xla'."
+        )
+    if rope is not None:
+        t, half = q.shape[1], q.shape[-1] // 2
+        if len(rope) != 2 or any(x.size != t * half for x in rope):
+            raise ValueError(
+                "dot_product_causal_attention: rope must be the (cos, sin) tables of "
+                f"stackops.models.rope_tables({t}, {q.shape[-1]}); got shapes "
+                f"{[getattr(x, 'shape', None) for x in rope]}."
+            )
+
+
+def _rotate(x: Array, cos: Array, sin: Array) -> Array:
+    # The rotary formula of `stackops.models` (the two halves of each head rotated, in the
+    # tables' float32, then cast back); the tests check it against `causal_attention`.
+    half = x.shape[-1] // 2
+    cos, sin = (jnp.reshape(a, (x.shape[1], 1, half)) for a in (cos, sin))
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def dot_product_causal_attention(
+    q: Float[Array, "B T H Dh"],
+    k: Float[Array, "B T H Dh"],
+    v: Float[Array, "B T H Dh"],
+    rope: tuple[Array, Array] | None = None,
+    *,
+    implementation: str = "xla",
+) -> Float[Array, "B T H Dh"]:
+    """[`stackops.models.causal_attention`][] through `jax.nn.dot_product_attention`.
+
+    `q` and `k` are rotated by `rope` first (as the reference core does), then
+    `jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=...)` attends
+    with scale `1 / sqrt(head_dim)` and float32 scores. With `implementation="cudnn"` (a
+    GPU, bfloat16 or float16 inputs) this is cuDNN's fused flash-attention kernel, forward
+    and backward: the `B·H·T·T` scores are never stored. With `"xla"` it is XLA's
+    implementation, available on every device.
+
+    **Arguments:**
+
+    - `q`, `k`, `v`: shape `(batch, time, heads, head_dim)`, one dtype.
+    - `rope`: `None`, or the `(cos, sin)` tables of `stackops.models.rope_tables(time,
+      head_dim)`.
+    - `implementation`: `"xla"` or `"cudnn"`.
+
+    **Returns:** the attended values, same shape and dtype as `q`.
+
+    **Raises:** `ValueError` for mismatched shapes or dtypes, an unknown implementation,
+    `"cudnn"` with float32 inputs, or rope tables of the wrong size; `jax.nn`'s own error
+    when cuDNN cannot run this shape (see [`cudnn_problem`][]).
+
+    !!! Example
+
+        ```python
+        import jax, jax.numpy as jnp
+        from stackops.models import causal_attention, rope_tables
+
+        q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 8, 2, 16))
+        rope = rope_tables(8, 16)
+        out = dot_product_causal_attention(q, k, v, rope)
+        assert jnp.allclose(out, causal_attention(q, k, v, rope), atol=1e-5)
+        ```
+    """
+    _check_dot_product(q, k, v, rope, implementation)
+    if rope is not None:
+        q, k = _rotate(q, *rope), _rotate(k, *rope)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
+def _cudnn_trial(head_dim: int, dtype: Any, device: Any) -> str | None:
+    """Compile and run a tiny causal attention with its gradient through cuDNN on `device`."""
+    shape = (1, 8, 1, head_dim)
+    x = jax.device_put(jnp.ones(shape, dtype), device)
+    fn = partial(dot_product_causal_attention, implementation="cudnn")
+    grad = jax.grad(lambda q: fn(q, q, q).astype(jnp.float32).sum())
+    try:
+        jax.block_until_ready(jax.jit(grad)(x))
+    except Exception as e:  # cuDNN's checks raise NotImplementedError, RuntimeError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"cuDNN's fused attention failed a trial run ({type(e).__name__}: {first[:200]})"
+    return None
+
+
+_cudnn_trials: dict[tuple[int, str, str], str | None] = {}
+
+
+def cudnn_problem(*, compute_dtype: str, head_dim: int, devices: Any) -> str | None:
+    """Why cuDNN's fused attention does not apply to this run, or `None` if it does.
+
+    It applies on GPU devices, with `compute_dtype` bfloat16 (or float16) and a head
+    dimension that is a multiple of 8; on a GPU a tiny causal attention and its gradient
+    are then compiled and run through cuDNN once per (head dimension, dtype, device kind),
+    so that a missing cuDNN or an unsupported GPU is found here rather than in the middle
+    of a run.
+
+    !!! Example
+
+        ```python
+        import jax
+
+        if jax.default_backend() == "cpu":
+            assert "GPU" in cudnn_problem(
+                compute_dtype="bfloat16", head_dim=64, devices=jax.devices())
+        ```
+    """
+    flat = list(np.ravel(devices))
+    platforms = sorted({d.platform for d in flat})
+    if platforms != ["gpu"]:
+        return f"it runs on GPU devices only, the mesh has {'/'.join(platforms)} devices"
+    if compute_dtype not in CUDNN_DTYPES:
+        return f"it takes {'/'.join(CUDNN_DTYPES)} inputs, the config asks for {compute_dtype!r}"
+    if head_dim % 8:
+        return f"the head dimension (d_model / n_heads = {head_dim}) is not a multiple of 8"
+    key = (head_dim, compute_dtype, str(flat[0].device_kind))
+    if key not in _cudnn_trials:
+        _cudnn_trials[key] = _cudnn_trial(head_dim, jnp.dtype(compute_dtype), flat[0])
+    return _cudnn_trials[key]
+
+
 def resolve_attention(
     attention: str, *, compute_dtype: str, head_dim: int, mesh: Mesh
 ) -> tuple[str, AttentionFn | None]:
@@ -329,13 +479,18 @@ def resolve_attention(
 
     **Arguments:**
 
-    - `attention`: `"auto"`, `"xla"` or `"cpu-kernel"` (the config's `attention` field).
+    - `attention`: `"auto"`, `"xla"`, `"cpu-kernel"` or `"dot-product"` (the config's
+      `attention` field).
     - `compute_dtype`, `head_dim`: the run's compute dtype and `d_model // n_heads`.
     - `mesh`: the run's mesh; with several devices the kernel runs under `jax.shard_map`
       over the data axis (batch rows split, as the activations are).
 
-    **Returns:** the name actually used (`"xla"` or `"cpu-kernel"`) and the function to pass
-    as `DecoderLM(..., attention=fn)`.
+    **Returns:** the name actually used (`"xla"`, `"cpu-kernel"`, `"dot-product:cudnn"` or
+    `"dot-product:xla"`) and the function to pass as `DecoderLM(..., attention=fn)`.
+
+    `"auto"` is the CPU kernel on CPU devices where it applies, `"dot-product"` on GPU
+    devices, XLA's core otherwise. `"dot-product"` uses cuDNN where [`cudnn_problem`][]
+    finds none, XLA's implementation of `jax.nn.dot_product_attention` otherwise.
 
     **Raises:** `ValueError` for an unknown name, or when `"cpu-kernel"` is asked for and does
     not apply (the message says why and how to fix it); [`KernelUnavailable`][] when it is
@@ -355,6 +510,17 @@ def resolve_attention(
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}.")
     if attention == "xla":
         return "xla", None
+    platforms = {d.platform for d in np.ravel(mesh.devices)}
+    if attention == "dot-product" or (attention == "auto" and platforms == {"gpu"}):
+        problem = cudnn_problem(
+            compute_dtype=compute_dtype, head_dim=head_dim, devices=mesh.devices
+        )
+        impl = "xla" if problem is not None else "cudnn"
+        if problem is not None and platforms == {"gpu"} and compute_dtype in CUDNN_DTYPES:
+            warnings.warn(
+                f"cuDNN attention cannot be used: {problem}; XLA's instead.", stacklevel=2
+            )
+        return f"dot-product:{impl}", partial(dot_product_causal_attention, implementation=impl)
     problem = kernel_problem(compute_dtype=compute_dtype, head_dim=head_dim, devices=mesh.devices)
     if problem is not None:
         if attention == "cpu-kernel":

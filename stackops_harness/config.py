@@ -33,7 +33,8 @@ __all__ = [
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPT_POLICIES = ("copy", "zero", "init")
-ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel")  # attention cores, see stackops_harness.attention
+PROVENANCE_KEY = "provenance"  # not a field: config.json's record of where a run ran
+ATTENTION_CHOICES = ("auto", "xla", "cpu-kernel", "dot-product")  # see stackops_harness.attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,9 @@ class TrainConfig:
       `attention` (the attention core: `"auto"` uses the fused CPU kernel of
       `stackops_harness.attention` where it applies (CPU, float32, head dimension a multiple of 16)
       and XLA's `jax.numpy` core elsewhere; `"xla"` or `"cpu-kernel"` force one).
+      On GPU `"auto"` is `"dot-product"`: `jax.nn.dot_product_attention`, through cuDNN's
+      fused kernel where it applies (bfloat16, head dimension a multiple of 8), XLA's
+      implementation otherwise.
     - Growth: `method` (a name from `stackops_harness.methods.method_names()`, `"a+b"` to compose
       two operators per stage, or `"custom"` with an operator passed to `train`), `stages`,
       `alpha`, `preserve` (grow function-preservingly: new blocks start as identities),
@@ -354,6 +358,8 @@ def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
         ```
     """
     names = [f.name for f in dataclasses.fields(TrainConfig)]
+    # A run's config.json also records where it ran (stackops_harness.provenance).
+    values = {k: v for k, v in values.items() if k != PROVENANCE_KEY}
     for key in values:
         if key not in names:
             raise ValueError(f"Unknown config field {key!r}{_did_you_mean(key, names)}.")

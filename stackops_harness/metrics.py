@@ -14,6 +14,16 @@ Every record in `metrics.jsonl` is one JSON object with a `kind`:
 
 A resumed run first drops the records written after the checkpoint it resumes from, so
 the file reads as if the run had never stopped.
+
+Other destinations plug in as *metrics sinks*: any object with `write(record)` and
+`close()` (the [`MetricsSink`][] protocol), passed as `train(..., sinks=[...])`. Every
+record written to `metrics.jsonl` goes to each sink too. [`TensorBoardSink`][] is one,
+writing TensorBoard event files offline with `tensorboardX`.
+
+[`Progress`][] shows a tqdm bar on a terminal. Without one (`nohup`, a SLURM log) it
+prints one line per log interval instead:
+
+    step 120/1000  stage 2/4  depth 4  loss 3.4512  12,345 tok/s  ETA 0:05:12
 """
 
 from __future__ import annotations
@@ -24,13 +34,58 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol, runtime_checkable
 
-__all__ = ["MetricsLog", "Clock", "Progress", "read_metrics", "ACTIVITIES"]
+__all__ = [
+    "MetricsLog",
+    "MetricsSink",
+    "TensorBoardSink",
+    "Clock",
+    "Progress",
+    "read_metrics",
+    "ACTIVITIES",
+]
 
 ACTIVITIES = ("init", "train", "compile", "grow", "ckpt", "eval")
+
+
+@runtime_checkable
+class MetricsSink(Protocol):
+    """Where metrics records go besides `metrics.jsonl`: anything with `write` and `close`.
+
+    `write(record)` receives each record as it is logged: a mapping with `kind` (`"train"`,
+    `"eval"`, `"grow"`, `"compile"`, `"checkpoint"`, `"start"`, `"resume"`, `"end"`), and
+    `step` and the fields listed at the top of this module, with JSON-ready values (numbers,
+    strings, lists, `None`). `close()` is called once when the run ends (or fails). A
+    resumed run's first record is `{"kind": "resume", "step": n, ...}`: records with a
+    later step that the sink saw before are superseded (see [`TensorBoardSink`][]). Only
+    the first process of a multi-process run writes.
+
+    !!! Example
+
+        ```python
+        class PrintLosses:
+            def write(self, record):
+                if record["kind"] == "eval":
+                    print(record["step"], record["val_loss"])
+
+            def close(self):
+                pass
+
+        assert isinstance(PrintLosses(), MetricsSink)
+        # train(config, run_dir, sinks=[PrintLosses()])
+        ```
+    """
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Take one record."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release resources; no `write` follows."""
+        ...
 
 
 class MetricsLog:
@@ -42,6 +97,8 @@ class MetricsLog:
     - `keep_until`: drop existing records with `step > keep_until` (and any line cut short
       by a crash) before appending; `None` starts the file afresh.
     - `enabled`: `False` writes nothing (every process but the first in a multi-process run).
+    - `sinks`: [`MetricsSink`][]s that receive every record written here (and are closed
+      with it).
 
     !!! Example
 
@@ -58,11 +115,23 @@ class MetricsLog:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, keep_until: int | None, enabled: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        keep_until: int | None,
+        enabled: bool = True,
+        sinks: Sequence[MetricsSink] = (),
     ):
         self.path = Path(path)
         self.enabled = enabled
-        self._file = None
+        self._file: IO[str] | None = None
+        for sink in sinks:
+            if not isinstance(sink, MetricsSink):
+                raise TypeError(
+                    f"MetricsLog: every sink needs write(record) and close() methods, got "
+                    f"{type(sink).__name__}."
+                )
+        self.sinks = list(sinks) if enabled else []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,14 +149,99 @@ class MetricsLog:
         """Append one record (flushed at once, so a killed run loses at most this line)."""
         if self._file is None:
             return
-        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        clean = _jsonable(record)
+        self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
+        for sink in self.sinks:
+            sink.write(clean)
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file and the sinks."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
+
+
+class TensorBoardSink:
+    """A [`MetricsSink`][] writing TensorBoard event files (offline, with `tensorboardX`).
+
+    Every numeric field of a record becomes a scalar tagged `"{kind}/{field}"` at the
+    record's `step` (`train/loss`, `train/tokens_per_s`, `eval/val_loss`, `grow/seconds`,
+    ...); strings, lists and `None` are skipped. When a run resumes from step `n`, the
+    writer is opened with `purge_step=n + 1`, so TensorBoard hides what a crashed segment
+    logged after that checkpoint, as `metrics.jsonl` drops it.
+
+    **Arguments:**
+
+    - `logdir`: the directory for the event files (e.g. `run_dir / "tb"`); view with
+      `tensorboard --logdir DIR`.
+    - `kinds`: the record kinds to write (default: all).
+
+    **Raises:** `ImportError` naming the package (`pip install "tensorboardX==2.6.5"`, part
+    of the `experiments` extra) if `tensorboardX` is missing.
+
+    !!! Example
+
+        ```python
+        import tempfile
+
+        sink = TensorBoardSink(tempfile.mkdtemp())
+        sink.write({"kind": "train", "step": 10, "loss": 5.1, "tokens_per_s": 1e4})
+        sink.close()
+        # train(config, run_dir, sinks=[TensorBoardSink(f"{run_dir}/tb")])
+        ```
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str], *, kinds: Sequence[str] | None = None):
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                'TensorBoardSink needs tensorboardX: pip install "tensorboardX==2.6.5" (part '
+                "of the experiments extra)."
+            ) from e
+        self.logdir = Path(logdir)
+        self.kinds = None if kinds is None else frozenset(kinds)
+        self._writer: Any = None
+        self._closed = False
+
+    def _open(self, purge_step: int | None) -> Any:
+        from tensorboardX import SummaryWriter
+
+        # tensorboardX names event files by the second and the host: a suffix keeps a quick
+        # resume (or a second sink on one directory) from overwriting the earlier file.
+        suffix = f".{os.getpid()}.{time.time_ns()}"
+        self._writer = SummaryWriter(
+            str(self.logdir), purge_step=purge_step, flush_secs=10, filename_suffix=suffix
+        )
+        return self._writer
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Write the record's numeric fields as scalars at its step."""
+        if self._closed:
+            raise ValueError("TensorBoardSink.write after close.")
+        kind, step = record.get("kind"), record.get("step")
+        writer = self._writer
+        if writer is None:
+            purge = int(step) + 1 if kind == "resume" and isinstance(step, int) else None
+            writer = self._open(purge)
+        if not isinstance(step, int) or (self.kinds is not None and kind not in self.kinds):
+            return
+        for field, value in record.items():
+            if field in ("kind", "step") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                writer.add_scalar(f"{kind}/{field}", float(value), global_step=step)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def read_metrics(path: str | os.PathLike[str], kind: str | None = None) -> list[dict[str, Any]]:
@@ -180,43 +334,117 @@ class Clock:
         return out
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{h}:{m:02d}:{sec:02d}"
+
+
 class Progress:
-    """A tqdm progress bar with loss, stage and throughput; silent when not on a terminal.
+    """Progress of a run: a tqdm bar on a terminal, one plain line per log interval otherwise.
+
+    On a terminal (stderr is a TTY) a tqdm bar shows the step, loss, stage and throughput.
+    When `stream` (default stdout) is not a terminal, as under `nohup` or in a SLURM log,
+    every `update` that carries values (the trainer's, once per `log_every` steps) prints
+    one line to it: step, stage, depth, loss, tokens/s and the estimated time left (from
+    the wall time per step of this process, compilation and evaluation included):
+
+        step 120/1000  stage 2/4  depth 4  loss 3.4512  12,345 tok/s  ETA 0:05:12
+
+    **Arguments:**
+
+    - `total`: the run's steps; `initial`: the step it starts at (a resumed run's).
+    - `enabled`: `False` shows nothing (`TrainConfig.progress=false`, or not the first
+      process).
+    - `stream`: where plain lines and messages go (default `sys.stdout`).
 
     !!! Example
 
         ```python
-        bar = Progress(total=1000, initial=0, enabled=False)   # True: a bar on a terminal
-        bar.update(1, loss=5.1, stage=1, depth=2, tokens_per_s=12000.0)
+        import io
+
+        out = io.StringIO()   # not a terminal, like a SLURM log
+        bar = Progress(total=1000, initial=0, enabled=True, stream=out)
+        bar.update(10, loss=5.1, stage="1/4", depth=2, tok_s=12000.0)
         bar.close()
+        assert out.getvalue().startswith("step 10/1000  stage 1/4  depth 2  loss 5.1000")
         ```
     """
 
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self._bar = None
+    def __init__(self, total: int, initial: int, enabled: bool, *, stream: IO[str] | None = None):
+        self._bar: Any = None
         self.enabled = enabled
+        self.total, self.step = total, initial
+        self._stream = stream
+        self._start: tuple[float, int] | None = None  # set at the first step taken
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        out = self.stream
+        self.lines = enabled and not (hasattr(out, "isatty") and out.isatty() and self._bar)
+
+    @property
+    def stream(self) -> IO[str]:
+        """Where plain lines go (`sys.stdout` unless given)."""
+        return self._stream if self._stream is not None else sys.stdout
+
+    def eta(self) -> float | None:
+        """Seconds left at this process's average wall time per step since its first step
+        (setup and the first compilation excluded; `None` until two steps are done)."""
+        if self._start is None:
+            return None
+        t0, step0 = self._start
+        done = self.step - step0
+        if done <= 0:
+            return None
+        return (time.perf_counter() - t0) / done * max(self.total - self.step, 0)
 
     def update(self, n: int = 1, **postfix: Any) -> None:
-        """Advance by `n` steps, showing `postfix` values when given."""
-        if self._bar is None:
-            return
-        if postfix:
-            shown = {}
-            for k, v in postfix.items():
-                shown[k] = f"{v:.4g}" if isinstance(v, float) else v
-            self._bar.set_postfix(shown, refresh=False)
-        self._bar.update(n)
+        """Advance by `n` steps; with `postfix` values, show them (a line without a terminal).
+
+        The trainer passes `loss`, `stage` (`"2/4"`), `depth` and `tok_s`; other keys are
+        shown too.
+        """
+        self.step += n
+        if n > 0 and self._start is None:
+            self._start = (time.perf_counter(), self.step)
+        if self._bar is not None:
+            if postfix:
+                shown = {}
+                for k, v in postfix.items():
+                    shown[k] = f"{v:.4g}" if isinstance(v, float) else v
+                self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(n)
+        if self.lines and postfix:
+            print(self._line(postfix), file=self.stream, flush=True)
+
+    def _line(self, values: Mapping[str, Any]) -> str:
+        parts = [f"step {self.step}/{self.total}"]
+        rest = dict(values)
+        for key in ("stage", "depth"):
+            if key in rest:
+                parts.append(f"{key} {rest.pop(key)}")
+        if "loss" in rest:
+            loss = rest.pop("loss")
+            parts.append(f"loss {loss:.4f}" if isinstance(loss, float) else f"loss {loss}")
+        tok_s = rest.pop("tok_s", None)
+        if isinstance(tok_s, (int, float)):
+            parts.append(f"{tok_s:,.0f} tok/s")
+        for k, v in rest.items():
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        eta = self.eta()
+        parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA ?")
+        return "  ".join(parts)
 
     def write(self, message: str) -> None:
         """Print a line without breaking the bar (plainly when there is no bar)."""
         if self._bar is not None:
             self._bar.write(message)
         elif self.enabled:
-            print(message, flush=True)
+            print(message, file=self.stream, flush=True)
 
     def close(self) -> None:
         """Close the bar."""

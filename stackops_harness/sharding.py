@@ -27,6 +27,7 @@ __all__ = [
     "make_mesh",
     "fsdp_spec",
     "fsdp_shardings",
+    "stacked_leaves",
     "batch_sharding",
     "replicated",
     "shard_rows",
@@ -121,6 +122,32 @@ def fsdp_spec(
     return PartitionSpec(*spec)
 
 
+def stacked_leaves(tree: Any) -> Any:
+    """Which leaves of `tree` carry a leading layer axis: those inside a [`stackops.Stack`][].
+
+    The one walk that the decay mask and the FSDP shardings share. Works for the model, its
+    parameters, gradients, `eval_shape` trees and optax states that mirror them (their
+    moments hold `Stack`s too).
+
+    **Returns:** a pytree with the structure of `tree` and a `bool` at every leaf.
+
+    !!! Example
+
+        ```python
+        import jax, jax.numpy as jnp
+        import stackops as so
+
+        tree = {"embed": jnp.zeros((8, 4)), "blocks": so.stack([jnp.zeros(4)] * 3)}
+        mask = stacked_leaves(tree)
+        assert jax.tree.leaves(mask) == [True, False]   # "blocks" sorts before "embed"
+        ```
+    """
+    is_stack = lambda x: isinstance(x, so.Stack)
+    return jax.tree.map(
+        lambda x: jax.tree.map(lambda _: True, x) if is_stack(x) else False, tree, is_leaf=is_stack
+    )
+
+
 def fsdp_shardings(tree: Any, mesh: Mesh, *, min_size: int = 2**14) -> Any:
     """`NamedSharding`s for every array leaf of `tree` (arrays or `ShapeDtypeStruct`s).
 
@@ -149,17 +176,12 @@ def fsdp_shardings(tree: Any, mesh: Mesh, *, min_size: int = 2**14) -> Any:
     """
     n = mesh.shape[DATA_AXIS]
 
-    def leaf(x: Any, skip_axis0: bool) -> Any:
+    def leaf(x: Any, stacked: bool) -> Any:
         if not hasattr(x, "shape"):
             return x
-        return NamedSharding(mesh, fsdp_spec(x.shape, n, min_size=min_size, stacked=skip_axis0))
+        return NamedSharding(mesh, fsdp_spec(x.shape, n, min_size=min_size, stacked=stacked))
 
-    def node(x: Any) -> Any:
-        if isinstance(x, so.Stack):
-            return jax.tree.map(lambda a: leaf(a, True), x)
-        return leaf(x, False)
-
-    return jax.tree.map(node, tree, is_leaf=lambda x: isinstance(x, so.Stack))
+    return jax.tree.map(leaf, tree, stacked_leaves(tree))
 
 
 def check_divisible(rows: int, mesh: Mesh, name: str) -> None:

@@ -34,7 +34,7 @@ from .attention import resolve_attention
 from .config import TrainConfig
 from .evaluate import next_token_loss
 from .methods import GrowthSchedule
-from .sharding import batch_sharding, fsdp_shardings, replicated
+from .sharding import batch_sharding, fsdp_shardings, replicated, stacked_leaves
 
 __all__ = [
     "blocks",
@@ -49,6 +49,8 @@ __all__ = [
     "grow_state",
     "make_train_step",
     "run_attention",
+    "CompiledStage",
+    "compile_stage",
 ]
 
 
@@ -129,12 +131,7 @@ def build_model(config: TrainConfig, key: jax.Array, depth: int) -> DecoderLM:
 def _decay_mask(params: Any) -> Any:
     # Decay matrices only, not norm scales and biases: a leaf's own rank, which inside a
     # Stack is one less than the stored array's (the leading layer axis).
-    def node(x: Any) -> Any:
-        if isinstance(x, so.Stack):
-            return jax.tree.map(lambda a: a.ndim >= 3, x)
-        return x.ndim >= 2
-
-    return jax.tree.map(node, params, is_leaf=lambda x: isinstance(x, so.Stack))
+    return jax.tree.map(lambda x, stacked: x.ndim - stacked >= 2, params, stacked_leaves(params))
 
 
 def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -421,10 +418,13 @@ def make_train_step(
     sk: Skeleton,
     optimizer: optax.GradientTransformation,
     mesh: Mesh,
+    *,
+    attention: AttentionFn | None = None,
 ) -> Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]:
     """The jitted train step of one stage: `(params, opt_state, tokens) -> (params,
     opt_state, {"loss", "grad_norm"})`, donating the old state. The attention core is
-    the one `config.attention` resolves to on `mesh` (`stackops_harness.attention`).
+    the one `config.attention` resolves to on `mesh` (`stackops_harness.attention`),
+    unless `attention` gives another [`AttentionFn`][stackops.models.AttentionFn].
 
     Call `.lower(sk.params, sk.opt_state, tokens_spec).compile()` on it to compile ahead of
     time (and time compilation apart from training).
@@ -448,7 +448,8 @@ def make_train_step(
         ```
     """
     static = sk.static
-    _, attention = run_attention(config, mesh)
+    if attention is None:
+        _, attention = run_attention(config, mesh)
 
     def step(params: Any, opt_state: Any, tokens: jax.Array):
         def loss_fn(p: Any) -> jax.Array:
@@ -473,3 +474,79 @@ def make_train_step(
         out_shardings=(sk.param_shardings, sk.opt_shardings, replicated(mesh)),
         donate_argnums=(0, 1),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStage:
+    """One stage's train step, compiled ahead of time, and a fresh state to run it on.
+
+    **Attributes:**
+
+    - `step`: the compiled `(params, opt_state, tokens) -> (params, opt_state, metrics)`
+      of [`make_train_step`][] (`metrics`: `"loss"`, `"grad_norm"`); it donates the state
+      passed in, so keep the returned one.
+    - `params`, `opt_state`: the initial state, sharded as `skeleton` says.
+    - `skeleton`: the stage's [`Skeleton`][] (`skeleton.model(params)` is the model).
+    - `attention`: the attention core's name (see `stackops_harness.attention`).
+    - `tokens`: the `ShapeDtypeStruct` of a batch, `(global_batch, seq_len + 1)` int32
+      split by rows over the mesh (`stackops_harness.sharding.shard_rows` makes one).
+    """
+
+    step: Any
+    params: Any
+    opt_state: Any
+    skeleton: Skeleton
+    attention: str
+    tokens: jax.ShapeDtypeStruct
+
+
+def compile_stage(
+    config: TrainConfig, depth: int, mesh: Mesh, *, attention: AttentionFn | None = None
+) -> CompiledStage:
+    """Compile the trainer's train step for the model of `config` at `depth` blocks.
+
+    The step, optimizer, shardings and initialisation are the trainer's (a stage of
+    `depth` blocks of the `config.method="baseline"` run when `depth == config.depth`):
+    what benchmarks and profilers should time instead of a copy of the model.
+
+    **Arguments:**
+
+    - `config`: the run's config (its `depth` sets the initial output scales, as in a run).
+    - `depth`: blocks of the stage's model (>= 1).
+    - `mesh`: the device mesh (`stackops_harness.sharding.make_mesh()`).
+    - `attention`: an [`AttentionFn`][stackops.models.AttentionFn] replacing the core that
+      `config.attention` resolves to (e.g. for a diagnostic).
+
+    **Returns:** a [`CompiledStage`][].
+
+    !!! Example
+
+        ```python
+        import numpy as np
+        from stackops_harness.config import preset
+        from stackops_harness.sharding import make_mesh, shard_rows
+
+        cfg, mesh = preset("smoke"), make_mesh()
+        stage = compile_stage(cfg, 2, mesh)
+        assert stage.skeleton.depth == 2
+        tokens = shard_rows(np.zeros(stage.tokens.shape, np.int32), mesh)
+        params, opt_state, metrics = stage.step(stage.params, stage.opt_state, tokens)
+        assert metrics["loss"].shape == ()
+        ```
+    """
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(f"compile_stage: `depth` must be a positive int, got {depth!r}.")
+    schedule = GrowthSchedule((config.total_steps,), (), depth)
+    optimizer, _ = make_optimizer(config)
+    sk = skeleton(config, schedule, 0, mesh, optimizer)
+    params, opt_state = init_state(config, sk, optimizer, depth)
+    if attention is None:
+        name, attention = run_attention(config, mesh)
+    else:
+        name = getattr(attention, "__name__", type(attention).__name__)
+    tokens = jax.ShapeDtypeStruct(
+        (config.global_batch, config.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh)
+    )
+    step = make_train_step(config, sk, optimizer, mesh, attention=attention)
+    compiled = step.lower(sk.params, sk.opt_state, tokens).compile()
+    return CompiledStage(compiled, params, opt_state, sk, name, tokens)

@@ -55,8 +55,9 @@ from .config import TrainConfig, config_to_dict
 from .evaluate import EvalSet, make_eval_step
 from .lock import RunLock, RunLockedError
 from .methods import GrowthSchedule, growth_schedule
-from .metrics import Clock, MetricsLog, Progress, read_metrics
+from .metrics import Clock, MetricsLog, MetricsSink, Progress, read_metrics
 from .paths import data_root
+from .provenance import provenance
 from .sharding import batch_sharding, check_divisible, make_mesh, shard_rows
 from .state import (
     Skeleton,
@@ -288,6 +289,8 @@ class Trainer:
       boundary) or a sequence of `stages - 1` operators, one per boundary.
     - `on_eval`: an [`EvalHook`][] or a sequence of them.
     - `mesh`: the device mesh (default: one `data` axis over all devices).
+    - `sinks`: [`MetricsSink`][stackops_harness.metrics.MetricsSink]s that receive every
+      metrics record too (e.g. a `TensorBoardSink`); closed with the trainer.
 
     !!! Example
 
@@ -313,11 +316,13 @@ class Trainer:
         op: so.AbstractGrowth | Sequence[so.AbstractGrowth] | None = None,
         on_eval: EvalHook | Sequence[EvalHook] | None = None,
         mesh: Mesh | None = None,
+        sinks: Sequence[MetricsSink] = (),
     ):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}.")
         self.clock = Clock()
         self.config = config
+        self.sinks = list(sinks)
         self.run_dir = Path(run_dir)
         self.is_main = jax.process_index() == 0
         self.log: MetricsLog | None = None
@@ -548,17 +553,22 @@ class Trainer:
             growth = list(saved["growth"])
             counters = dict(saved["counters"])
             self.clock.restore(counters.get("time", {}))
-            self.log = MetricsLog(self.metrics_path, keep_until=step, enabled=self.is_main)
+            self.log = MetricsLog(
+                self.metrics_path, keep_until=step, enabled=self.is_main, sinks=self.sinks
+            )
             event = "resume"
         else:
             if self.is_main:
-                write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
+                config_json = {**config_to_dict(cfg), "provenance": provenance()}
+                write_json_atomic(self.run_dir / "config.json", config_json)
             step, stage = 0, 0
             sk = self._skeleton(0)
             params, opt_state = init_state(cfg, sk, self.optimizer, sched.initial_depth)
             growth = []
             counters = {"tokens": 0, "flops": 0.0}
-            self.log = MetricsLog(self.metrics_path, keep_until=None, enabled=self.is_main)
+            self.log = MetricsLog(
+                self.metrics_path, keep_until=None, enabled=self.is_main, sinks=self.sinks
+            )
             event = "start"
         self.clock.lap("init")
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sk.params))
@@ -583,6 +593,7 @@ class Trainer:
                     if set_aside
                     else {}
                 ),
+                "provenance": provenance(),
             }
         )
         self.bar = Progress(sched.total_steps, step, enabled=cfg.progress and self.is_main)
@@ -799,6 +810,7 @@ def train(
     resume: bool = True,
     resume_from_intact: bool = False,
     mesh: Mesh | None = None,
+    sinks: Sequence[MetricsSink] = (),
 ) -> TrainResult:
     """Train the reference LM under `config` in `run_dir`, resuming if it holds checkpoints.
 
@@ -816,6 +828,8 @@ def train(
       intact one (newer steps are moved to `corrupt-checkpoints/`); by default a corrupt
       checkpoint is refused.
     - `mesh`: the device mesh (default: all devices on one `data` axis).
+    - `sinks`: [`MetricsSink`][stackops_harness.metrics.MetricsSink]s that receive every
+      metrics record besides `metrics.jsonl` (e.g. `TensorBoardSink(f"{run_dir}/tb")`).
 
     **Returns:** a [`TrainResult`][] (final model, metrics path, last manifest, ...).
 
@@ -831,7 +845,7 @@ def train(
             return result.model
         ```
     """
-    trainer = Trainer(config, run_dir, op=op, on_eval=on_eval, mesh=mesh)
+    trainer = Trainer(config, run_dir, op=op, on_eval=on_eval, mesh=mesh, sinks=sinks)
     try:
         result = trainer.run(
             stop_after=stop_after, resume=resume, resume_from_intact=resume_from_intact

@@ -8,11 +8,11 @@ and the wall-clock speedup of a stagewise run against the speedup its FLOPs pred
 Three tables:
 
 1. Training-step throughput of one model and batch (fp32, AdamW, clipping): the harness's
-   step (scan over layers, then unrolled), a variant with matmuls on `(batch*time, d)`
-   instead of `(batch, time, d)` (the same parameters and math: what XLA CPU needs, see
-   docs/training.md), and plain PyTorch eager (`pip install torch==2.13.0`; skipped with a
-   message when torch is missing). Tokens/s, achieved FLOP/s (counted from the
-   architecture) and the ratio to PyTorch.
+   step (`stackops_harness.state.compile_stage`: scan over layers, then unrolled, with the
+   attention core `auto` picks and with XLA's), the same step with the attention core
+   removed (a diagnostic: what attention costs), and plain PyTorch eager (`pip install
+   torch==2.13.0`; skipped with a message when torch is missing). Tokens/s, achieved
+   FLOP/s (counted from the architecture) and the ratio to PyTorch.
 2. Ahead-of-time compile time of the train step at each stage's depth, scanned and
    unrolled.
 3. A whole stagewise run (`stackops_harness.trainer.train`) against the baseline with the same
@@ -49,18 +49,16 @@ if "--single-thread" in sys.argv:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from stackops.models import flops_per_token, rope_tables
+from stackops.models import flops_per_token
 from stackops_harness.config import TrainConfig, apply_overrides, preset
 from stackops_harness.methods import growth_schedule
 from stackops_harness.metrics import read_metrics
 from stackops_harness.sharding import batch_sharding, make_mesh, shard_rows
 from stackops_harness.state import (
     check_schedule,
-    init_state,
+    compile_stage,
     lm_config,
     make_optimizer,
     make_train_step,
@@ -98,95 +96,28 @@ def step_flops(cfg: TrainConfig, depth: int) -> float:
 # --------------------------------------------------------------------------- JAX variants
 
 
-def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def flat_logits(
-    model: Any, tokens: jax.Array, *, unroll: int, attention_core: bool = True
+def no_attention_core(
+    q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None
 ) -> jax.Array:
-    """The reference model's forward pass with every matmul on `(batch*time, d)` rows.
-
-    Same parameters, same operations as `DecoderLM.__call__` (fp32): only the residual
-    stream is kept 2-D between blocks. XLA CPU runs a `(B, T, d) @ (d, f)` dot and its
-    gradients about twice as slowly as the same dot on `(B*T, d)`.
-
-    `attention_core=False` is a diagnostic, not a model: it skips the scores, mask and
+    """A diagnostic, not a model: an attention core that skips the scores, mask and
     softmax (each position reads its own value vector), so the difference in step time is
-    what the attention core costs.
-    """
-    b, t = tokens.shape
-    cfg = model.config
-    d, n_heads = cfg.d_model, cfg.n_heads
-    x = jnp.take(model.embed, tokens, axis=0)
-    if model.pos_embed is not None:
-        x = x + model.pos_embed[:t]
-        rope = None
-    else:
-        rope = rope_tables(t, d // n_heads)
-    mask = jnp.tril(jnp.ones((t, t), bool))
-
-    def block(h: jax.Array, layer: Any) -> jax.Array:
-        attn, mlp = layer.attn, layer.mlp
-        qkv = (layer.norm1(h) @ attn.wqkv).reshape(b, t, 3, n_heads, d // n_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if attn.rope and rope is not None:
-            q, k = _rope(q, *rope), _rope(k, *rope)
-        if attention_core:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // n_heads)
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-        else:
-            out = v + 0.0 * (q + k)
-        h = h + out.reshape(b * t, d) @ attn.wo
-        return h + jax.nn.gelu(layer.norm2(h) @ mlp.w_in) @ mlp.w_out
-
-    h = model.blocks.scan(block, x.reshape(b * t, d), unroll=True if unroll == 0 else unroll)
-    return (model.norm_f(h) @ model.head).reshape(b, t, -1)
+    what the attention core costs. `q` and `k` stay in the graph so their projections are
+    still computed and differentiated."""
+    return v + 0.0 * (q + k)
 
 
 def jax_step(cfg: TrainConfig, mesh: Any, variant: str) -> tuple[Any, Any, Any]:
-    """A compiled train step of the final-depth model and its initial state.
+    """The trainer's compiled train step of the final-depth model and its initial state
+    (`stackops_harness.state.compile_stage`).
 
-    `variant`: `"harness"` (exactly the trainer's step), `"flat"` (`flat_logits`), or
-    `"no-attention-core"` (`flat_logits(..., attention_core=False)`, a diagnostic).
+    `variant`: `"harness"` (exactly the trainer's step), or `"no-attention-core"` (the same
+    step with [`no_attention_core`][] as the attention core, a diagnostic).
     """
-    sched = growth_schedule(apply_overrides(cfg, ["method=baseline"]))
-    optimizer, _ = make_optimizer(cfg)
-    sk = skeleton(cfg, sched, 0, mesh, optimizer)
-    params, opt_state = init_state(cfg, sk, optimizer, cfg.depth)
-    tokens_spec = jax.ShapeDtypeStruct(
-        (cfg.global_batch, cfg.seq_len + 1), np.int32, sharding=batch_sharding(mesh)
-    )
-    if variant == "harness":
-        step = make_train_step(cfg, sk, optimizer, mesh)
-    else:
-
-        core = variant != "no-attention-core"
-
-        def loss_fn(p: Any, tokens: jax.Array) -> jax.Array:
-            logits = flat_logits(
-                sk.model(p), tokens[:, :-1], unroll=cfg.unroll, attention_core=core
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-        def step_fn(p: Any, o: Any, tokens: jax.Array):
-            loss, grads = jax.value_and_grad(loss_fn)(p, tokens)
-            updates, o = optimizer.update(grads, o, p)
-            return optax.apply_updates(p, updates), o, {"loss": loss}
-
-        step = jax.jit(step_fn, donate_argnums=(0, 1))
-        if core:  # same forward as the reference model (checked, not assumed)
-            ref = sk.model(params)
-            toks = jnp.asarray(
-                np.random.default_rng(0).integers(0, 256, (2, cfg.seq_len)), jnp.int32
-            )
-            np.testing.assert_allclose(
-                np.asarray(flat_logits(ref, toks, unroll=1)), np.asarray(ref(toks)), atol=2e-4
-            )
-    compiled = step.lower(sk.params, sk.opt_state, tokens_spec).compile()
-    return compiled, params, opt_state
+    if variant not in ("harness", "no-attention-core"):
+        raise ValueError(f"variant must be 'harness' or 'no-attention-core', got {variant!r}.")
+    core = no_attention_core if variant == "no-attention-core" else None
+    stage = compile_stage(cfg, cfg.depth, mesh, attention=core)
+    return stage.step, stage.params, stage.opt_state
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -349,13 +280,11 @@ def bench_steps(cfg: TrainConfig, *, repeats: int, steps: int, threads: int) -> 
         print("The CPU attention kernel does not apply or cannot be built here: XLA's only.")
     harness_name = f"jax: harness step, unrolled, {'cpu-kernel' if kernel else 'xla'} attention"
     xla_name = "jax: harness step, unrolled, xla attention"
-    flat_name = "jax: flat matmuls, unrolled, xla attention"
-    bare_name = "diagnostic: jax flat unrolled, attention core removed"
+    bare_name = "diagnostic: harness step, unrolled, attention core removed"
     specs = [
         (harness_name.replace("unrolled", "scan (unroll=1)"), "harness", 1, "auto"),
         (harness_name, "harness", 0, "auto"),
         (xla_name, "harness", 0, "xla"),
-        (flat_name, "flat", 0, "xla"),
         (bare_name, "no-attention-core", 0, "xla"),
     ]
     for name, variant, unroll, attention in specs:
@@ -423,7 +352,7 @@ def bench_steps(cfg: TrainConfig, *, repeats: int, steps: int, threads: int) -> 
     )
     print(table(title, header, rows), flush=True)
     best = {k: min(v) for k, v in times.items()}
-    full, bare = best[flat_name], best[bare_name]
+    full, bare = best[xla_name], best[bare_name]
     print(
         f"Attention core (scores, mask, softmax, weighted sum, and their gradients) in the "
         f"JAX step with XLA's attention: {(full - bare) * 1e3:.0f} of {full * 1e3:.0f} ms "
@@ -431,11 +360,12 @@ def bench_steps(cfg: TrainConfig, *, repeats: int, steps: int, threads: int) -> 
     )
     if kernel:
         saved = best[xla_name] - best[harness_name]
+        speedup = best[xla_name] / best[harness_name]
         print(
-            f"The fused CPU attention kernel makes the harness step {best[xla_name] / best[harness_name]:.2f}x "
-            f"faster ({saved * 1e3:.0f} ms saved of the attention core's {(full - bare) * 1e3:.0f})."
+            f"The fused CPU attention kernel makes the harness step {speedup:.2f}x faster "
+            f"({saved * 1e3:.0f} ms saved of the attention core's {(full - bare) * 1e3:.0f})."
         )
-        out["kernel_speedup"] = best[xla_name] / best[harness_name]
+        out["kernel_speedup"] = speedup
     if has_torch:
         print(
             f"PyTorch's fused SDPA kernel against the same math written out: "
@@ -490,9 +420,9 @@ def bench_stage_steps(cfg: TrainConfig, *, repeats: int, steps: int) -> dict[str
     )
     runners = {}
     for depth in sorted(set(depths)):
-        c = apply_overrides(cfg, [f"depth={depth}", "stages=1", "method=baseline"])
-        compiled, params, opt_state = jax_step(c, mesh, "harness")
-        state = {"p": params, "o": opt_state}
+        stage = compile_stage(cfg, depth, mesh)
+        compiled = stage.step
+        state = {"p": stage.params, "o": stage.opt_state}
 
         def run(compiled=compiled, state=state) -> None:
             state["p"], state["o"], m = compiled(state["p"], state["o"], batch)

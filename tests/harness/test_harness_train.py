@@ -64,6 +64,7 @@ def test_smoke_run_grows_through_every_stage_and_logs_it():
     assert sorted(vals) == [0, 10, 20, 30, 40]
     assert vals[40] < vals[0] - 0.5  # it learns
     saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved.pop("provenance")["packages"]["stackops"] == so.__version__
     assert saved == config_to_dict(cfg)
     # The LR schedule ran on the global step: the optimizer's count survived growth.
     assert [r["lr"] for r in train_recs][:4] == pytest.approx([0.0, 7.5e-4, 1.5e-3, 2.25e-3])
