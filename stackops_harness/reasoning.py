@@ -25,6 +25,7 @@ from . import primitives as P
 
 __all__ = [
     "PrimitiveEvalConfig",
+    "PrimitiveSuite",
     "few_shot_accuracy",
     "finetune_accuracy",
     "layer_similarity",
@@ -39,19 +40,25 @@ class PrimitiveEvalConfig:
 
     - `tasks`: task names (see `stackops_harness.primitives.TASKS`).
     - `n_eval`: held-out examples per task (the same set for every model and method).
-    - `shots`: in-context examples per prompt (5 in the paper); prompts longer than the
-      context are cut from the left, so long tasks may see fewer whole shots.
+    - `shots`: in-context shots per prompt: `None` gives each task the most complete shots
+      that fit in `max_len` (up to 5, the paper's number; see
+      `stackops_harness.primitives.shots_that_fit`), an int gives every task that many
+      (an error where they do not fit). Prompts are never cut.
     - `max_len`: the context length used at evaluation (the model's training length).
+    - `batch_size`: rows per forward pass of the teacher-forced scoring.
+    - `greedy_n`: prompts per task of the greedy-generation check.
     - `ft_examples`, `ft_steps`, `ft_lr`, `ft_batch`, `ft_runs`: fine-tuning on
       `ft_examples` pool examples for `ft_steps` AdamW steps, repeated `ft_runs` times on
-      different pool draws (mean and standard deviation reported).
+      different pool draws (mean and sample standard deviation reported).
     - `eval_seed`: seed of the held-out set (keep it fixed across runs).
     """
 
     tasks: tuple[str, ...] = P.TASKS
-    n_eval: int = 200
-    shots: int = 5
+    n_eval: int = 500
+    shots: int | None = None
     max_len: int = 128
+    batch_size: int = 128
+    greedy_n: int = 100
     ft_examples: int = 64
     ft_steps: int = 60
     ft_lr: float = 1e-3
@@ -60,21 +67,41 @@ class PrimitiveEvalConfig:
     eval_seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.tasks, str) or not self.tasks:
+            raise ValueError("PrimitiveEvalConfig.tasks must be a non-empty tuple of names.")
         for t in self.tasks:
             if t not in P.TASKS:
                 raise ValueError(
                     f"PrimitiveEvalConfig.tasks: unknown task {t!r}; known: {P.TASKS}."
                 )
-        for name in ("n_eval", "max_len", "ft_examples", "ft_batch", "ft_runs"):
+        for name in ("n_eval", "max_len", "batch_size", "greedy_n", "ft_examples",
+                     "ft_batch", "ft_runs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PrimitiveEvalConfig.{name} must be >= 1.")
-        if self.shots < 0 or self.ft_steps < 0:
+        if (self.shots is not None and self.shots < 0) or self.ft_steps < 0:
             raise ValueError("PrimitiveEvalConfig: shots and ft_steps must be >= 0.")
+        for t, k in self.task_shots().items():
+            if P.shots_that_fit(t, self.max_len, cap=10**6) < k:
+                raise ValueError(
+                    f"PrimitiveEvalConfig: {k} shots of {t!r} do not fit in max_len="
+                    f"{self.max_len}; use shots=None (as many as fit) or a longer context."
+                )
+
+    def task_shots(self) -> dict[str, int]:
+        """The number of complete shots each task's prompts hold."""
+        if self.shots is None:
+            return {t: P.shots_that_fit(t, self.max_len) for t in self.tasks}
+        return {t: self.shots for t in self.tasks}
 
 
 @eqx.filter_jit
 def _logits(model: Any, tokens: jax.Array) -> jax.Array:
     return model(tokens)
+
+
+@eqx.filter_jit
+def _argmax(model: Any, tokens: jax.Array) -> jax.Array:
+    return jnp.argmax(model(tokens), axis=-1)
 
 
 def _generate_fn(model: Any, max_len: int, batch_size: int = 64):
@@ -84,14 +111,125 @@ def _generate_fn(model: Any, max_len: int, batch_size: int = 64):
             prompts,
             max_new_tokens,
             max_len=max_len,
-            batch_size=min(batch_size, len(prompts)) if len(prompts) < batch_size else batch_size,
+            batch_size=min(batch_size, len(prompts)),
         )
 
     return fn
 
 
-def few_shot_accuracy(model: Any, cfg: PrimitiveEvalConfig, *, seed: int = 0) -> dict[str, float]:
+class PrimitiveSuite:
+    """The evaluation sets of [`PrimitiveEvalConfig`][], built once, scored many times.
+
+    For each task: the held-out examples, their k-shot prompts (complete shots from a
+    disjoint pool), the teacher-forcing rows and the floors
+    (`stackops_harness.primitives.floors`). [`PrimitiveSuite.accuracy`][] scores any model
+    by teacher-forced exact match, one forward pass per batch of fixed shape (so one
+    compilation serves every task, evaluation and seed).
+
+    **Arguments:**
+
+    - `cfg`: the evaluation settings.
+
+    !!! Example
+
+        ```python
+        import jax
+        from stackops.models import DecoderLM, LMConfig
+        from stackops_harness.reasoning import PrimitiveEvalConfig, PrimitiveSuite
+
+        suite = PrimitiveSuite(PrimitiveEvalConfig(tasks=("math",), n_eval=8, max_len=64))
+        model = DecoderLM(LMConfig(d_model=16, n_heads=2, n_layers=1, max_len=64),
+                          key=jax.random.key(0))
+        assert 0.0 <= suite.accuracy(model)["math"] <= 1.0
+        assert suite.shots["math"] == 5 and suite.floors["math"]["floor"] >= 0.1
+        ```
+    """
+
+    def __init__(self, cfg: PrimitiveEvalConfig):
+        self.cfg = cfg
+        self.shots = cfg.task_shots()
+        self.examples: dict[str, list[P.Example]] = {}
+        self.prompts: dict[str, list[str]] = {}
+        self.floors: dict[str, dict[str, float | None]] = {}
+        self._pools: dict[str, list[P.Example]] = {}
+        for task in cfg.tasks:
+            splits = P.make_splits(
+                task, n_eval=cfg.n_eval, n_pool=max(64, 4 * self.shots[task]),
+                eval_seed=cfg.eval_seed,
+            )
+            self.examples[task] = splits.eval
+            self._pools[task] = splits.pool
+            self.prompts[task] = P.k_shot_prompts(splits.eval, splits.pool,
+                                                  k=self.shots[task], seed=cfg.eval_seed)
+            self.floors[task] = P.floors(task, splits.eval)
+        # Rows are grouped by length into buckets of 32, 64, ... up to max_len tokens, so
+        # short tasks (recall, math) do not pay for the longest context: a few compiled
+        # shapes, each batch one forward pass.
+        self._buckets: dict[int, list[str]] = {}
+        for task in cfg.tasks:
+            longest = max(len(p.encode()) + len(e.answer.encode())
+                          for p, e in zip(self.prompts[task], self.examples[task]))
+            width = min(cfg.max_len, 32 * -(-longest // 32))
+            P.teacher_forced_batch(self.prompts[task], [e.answer for e in self.examples[task]],
+                                   max_len=width)  # checks that every row fits
+            self._buckets.setdefault(width, []).append(task)
+
+    def hits(self, logits_fn: Any) -> dict[str, np.ndarray]:
+        """Per task, exact match per example (bool `(..., n_eval)`), by teacher forcing.
+
+        `logits_fn` is a model (called as `model(tokens)`) or any `tokens -> logits`
+        function; leading axes of its output (e.g. seeds) are kept.
+        """
+        fn = logits_fn
+        if isinstance(logits_fn, eqx.Module):
+            fn = lambda t: _logits(logits_fn, t)  # noqa: E731
+        out: dict[str, np.ndarray] = {}
+        for width, tasks in self._buckets.items():
+            prompts = [p for t in tasks for p in self.prompts[t]]
+            answers = [e.answer for t in tasks for e in self.examples[t]]
+            flat = P.teacher_forced_exact_match(
+                fn, prompts, answers, max_len=width,
+                batch_size=min(self.cfg.batch_size, len(prompts)),
+            )
+            start = 0
+            for t in tasks:
+                n = len(self.examples[t])
+                out[t] = flat[..., start : start + n]
+                start += n
+        return {t: out[t] for t in self.cfg.tasks}
+
+    def accuracy(self, logits_fn: Any) -> dict[str, Any]:
+        """Per task, the teacher-forced exact-match accuracy (an array over leading axes)."""
+        return {t: (h.mean(axis=-1) if h.ndim > 1 else float(h.mean()))
+                for t, h in self.hits(logits_fn).items()}
+
+    def math_kinds(self, hits: np.ndarray) -> dict[int, float]:
+        """Accuracy on the math set by number of operations (for reweighting to the
+        training shares); `hits` is this suite's math row of [`PrimitiveSuite.hits`][]."""
+        ops = np.array([sum(c in "+-" for c in e.prompt) for e in self.examples["math"]])
+        return {int(k): float(np.mean(hits[ops == k])) for k in np.unique(ops)}
+
+    def greedy(self, model: Any, *, n: int | None = None) -> dict[str, float]:
+        """The generation check: greedy decoding of the first `n` prompts (default
+        `cfg.greedy_n`) per task, scored with `stackops_harness.primitives.is_exact_match`."""
+        n = n or self.cfg.greedy_n
+        gen = _generate_fn(model, self.cfg.max_len)
+        out = {}
+        for task in self.cfg.tasks:
+            exs = self.examples[task][:n]
+            out[task] = P.evaluate_exact_match(gen, exs, self._pools[task],
+                                               k=self.shots[task], seed=self.cfg.eval_seed)
+        return out
+
+
+def few_shot_accuracy(
+    model: Any, cfg: PrimitiveEvalConfig, *, greedy: bool = False
+) -> dict[str, float]:
     """k-shot exact-match accuracy on each task's held-out set.
+
+    Teacher-forced by default (every answer token is the argmax given the prompt and the
+    answer's earlier tokens), greedy decoding with `greedy=True` (the check). Builds a
+    [`PrimitiveSuite`][]; keep one to score many checkpoints.
 
     !!! Example
 
@@ -106,14 +244,8 @@ def few_shot_accuracy(model: Any, cfg: PrimitiveEvalConfig, *, seed: int = 0) ->
         assert 0.0 <= acc["math"] <= 1.0
         ```
     """
-    out = {}
-    gen = _generate_fn(model, cfg.max_len)
-    for task in cfg.tasks:
-        splits = P.make_splits(
-            task, n_eval=cfg.n_eval, n_pool=max(64, cfg.shots * 4), eval_seed=cfg.eval_seed
-        )
-        out[task] = P.evaluate_exact_match(gen, splits.eval, splits.pool, k=cfg.shots, seed=seed)
-    return out
+    suite = PrimitiveSuite(cfg)
+    return suite.greedy(model, n=cfg.n_eval) if greedy else suite.accuracy(model)
 
 
 def _masked_xent(model: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
@@ -128,8 +260,8 @@ def finetune_accuracy(
     """Fine-tune a copy of `model` on `ft_examples` examples per task, then score 0-shot.
 
     Each task is fine-tuned separately, `ft_runs` times with different pool draws and batch
-    orders; the loss covers only the answer tokens. Returns, per task, the mean, the standard
-    deviation (ddof=0) and the per-run accuracies. The input model is not changed.
+    orders; the loss covers only the answer tokens. Returns, per task, the mean, the sample
+    standard deviation (ddof=1; 0 for one run) and the per-run accuracies. The input model is not changed.
 
     !!! Example
 
@@ -172,9 +304,13 @@ def finetune_accuracy(
             for _ in range(cfg.ft_steps):
                 idx = rng.choice(len(tokens), size=min(cfg.ft_batch, len(tokens)), replace=False)
                 m, state, _ = step(m, state, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
-            gen = _generate_fn(m, cfg.max_len)
-            accs.append(P.evaluate_exact_match(gen, splits.eval, splits.pool, k=0, seed=seed))
-        out[task] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "runs": accs}
+            hits = P.teacher_forced_exact_match(
+                lambda t, m=m: _logits(m, t), [e.prompt for e in splits.eval],
+                [e.answer for e in splits.eval], max_len=cfg.max_len,
+                batch_size=min(cfg.batch_size, len(splits.eval)))
+            accs.append(float(np.mean(hits)))
+        sd = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+        out[task] = {"mean": float(np.mean(accs)), "std": sd, "runs": accs}
     return out
 
 
@@ -236,13 +372,10 @@ def summarize(
     return rec
 
 
-def informed_guess_accuracy(task: str, n_eval: int = 200, eval_seed: int = 0) -> float:
+def informed_guess_accuracy(task: str, n_eval: int = 500, eval_seed: int = 0) -> float:
     """Expected accuracy of a model that knows the format but not the computation.
 
-    A stronger floor than uniform chance: for `varassign_*` and `induction`, guessing
-    uniformly among the distinct candidate answers that appear in the prompt (its digits,
-    its items); for `math`, always answering the most frequent result. A model must beat
-    this, not just uniform chance, before it can be said to compute anything.
+    `stackops_harness.primitives.floors(...)["informed"]` on the task's held-out set.
 
     !!! Example
 
@@ -252,19 +385,7 @@ def informed_guess_accuracy(task: str, n_eval: int = 200, eval_seed: int = 0) ->
         assert 0.1 < informed_guess_accuracy("varassign_d2", n_eval=50) < 0.5
         ```
     """
-    import re
-    from collections import Counter
-
     examples = P.generate(task, n_eval, seed=eval_seed, stream="eval")
-    if task == "math":
-        counts = Counter(e.answer for e in examples)
-        return counts.most_common(1)[0][1] / len(examples)
-    accs = []
-    for e in examples:
-        if task == "induction":
-            context = e.prompt.split("|")[0].split()
-            cands = set(context)
-        else:
-            cands = set(re.findall(r"\d", e.prompt))
-        accs.append(1.0 / len(cands) if e.answer in cands else 0.0)
-    return float(np.mean(accs))
+    value = P.floors(task, examples)["informed"]
+    assert value is not None
+    return value
