@@ -17,7 +17,7 @@ from ._adapters import AbstractLayerAdapter, find_adapter
 from ._ops import AbstractGrowth
 from ._plan import Plan, resolve
 from ._stack import Stack, check_same_structure
-from ._tree import check_copyable, is_layer_array, unsafe_leaves
+from ._tree import check_copyable, is_layer_array, stack_leaves, unsafe_leaves
 
 __all__ = ["grow", "get_layers", "make_plan", "PreserveFn", "LayerView", "view_of", "rebuild"]
 
@@ -231,13 +231,18 @@ def _mix_rows(x: jax.Array, specs: Specs, axis: int) -> jax.Array:
         primary.append(srcs[int(np.argmax(ws))])  # a copy (non-float leaves: the main source)
         if floating and not (len(srcs) == 1 and ws[0] == 1.0):
             mixes.append((r, sp))
-    pieces: list[jax.Array] = []
+    runs: list[tuple[int, int]] = []
     start = 0
     for i in range(1, len(primary) + 1):
         if i == len(primary) or primary[i] != primary[i - 1] + 1:
-            pieces.append(jax.lax.slice_in_dim(x, primary[start], primary[i - 1] + 1, axis=axis))
+            runs.append((primary[start], primary[i - 1] + 1))
             start = i
-    out = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=axis)
+    if len(runs) > _MANY_MIXES:
+        # Many short runs: one gather, whose compile time does not grow with their number.
+        out = jnp.take(x, np.asarray(primary, np.int32), axis=axis, unique_indices=False)
+    else:
+        pieces = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in runs]
+        out = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=axis)
     if not mixes:
         return out
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -486,7 +491,7 @@ def grow_view(
             check_same_structure(group, f"the sources of new layer {i} at `{argname}`",
                                  compare_values=False)
         dyn = [eqx.filter(g, eqx.is_array) for g in group]
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *dyn)
+        stacked = stack_leaves(dyn)
         one = grow_stacked_arrays(
             eqx.combine(stacked, static),
             ((tuple(range(len(srcs))), ws),),

@@ -183,3 +183,12 @@ def check_copyable(layers: Sequence[Any], what: str) -> None:
                 "array or an immutable value, or register an adapter for its container "
                 "(stackops.register_adapter)."
             )
+
+
+def stack_leaves(trees: Sequence[Any], axis: int = 0) -> Any:
+    """Stack same-structured trees leafwise (structure checked beforehand: no `==` on aux)."""
+    import jax.numpy as jnp
+
+    treedef = jax.tree.structure(trees[0])
+    columns = zip(*(jax.tree.leaves(t) for t in trees))
+    return jax.tree.unflatten(treedef, [jnp.stack(col, axis=axis) for col in columns])
