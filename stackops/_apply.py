@@ -309,10 +309,14 @@ def _jitted(
     specs: Specs,
     preserve: PreserveFn | None,
     new_rows: tuple[int, ...],
-    static: Any,
+    static_def: Any,
+    static_leaves: tuple[Any, ...],
     shardings: Any,
     axis: int,
 ):
+    # The static part is keyed by its treedef and leaves: a dict (a parameter dict's static
+    # part) is unhashable itself, and would otherwise recompile on every call.
+    static = jax.tree.unflatten(static_def, static_leaves)
     fn = functools.partial(
         _grow_dynamic, specs=specs, preserve=preserve, new_rows=new_rows, static=static, axis=axis
     )
@@ -340,8 +344,11 @@ def grow_stacked_arrays(
             shardings = jax.tree.unflatten(
                 treedef, [_out_sharding(x, len(specs), axis) for x in leaves]
             )
+        static_leaves, static_def = jax.tree.flatten(static)
         try:
-            fn = _jitted(specs, preserve, new_rows, static, shardings, axis)
+            fn = _jitted(
+                specs, preserve, new_rows, static_def, tuple(static_leaves), shardings, axis
+            )
         except TypeError:  # unhashable static part or selector: run without the cache
             fn = jax.jit(
                 functools.partial(
@@ -515,7 +522,7 @@ def replace_at(where: Callable[[Any], Any], tree: Any, new: Any) -> Any:
     # `where(tree)`, and swap it in.
     target = where(tree)
     ids = [id(x) for x in jax.tree.leaves(target)]
-    found = []
+    found: list[Any] = []
 
     def is_target(x: Any) -> bool:
         if x is tree or not ids or found:
@@ -621,7 +628,8 @@ def grow(
     if on_depth is not None:
         if not callable(on_depth):
             raise TypeError(
-                f"`on_depth` must be a function (grown_model, new_depth) -> model, got {on_depth!r}."
+                "`on_depth` must be a function (grown_model, new_depth) -> model, got "
+                f"{on_depth!r}."
             )
         out = on_depth(out, plan.depth_out)
     return out  # type: ignore[return-value]

@@ -24,9 +24,10 @@ __all__ = [
 
 
 def _check_block(block: object, name: str = "block") -> int:
-    if isinstance(block, (bool, np.bool_)) or not isinstance(block, (int, np.integer)) or block <= 0:
+    is_int = isinstance(block, (int, np.integer)) and not isinstance(block, (bool, np.bool_))
+    if not is_int or block <= 0:  # type: ignore[operator]
         raise ValueError(f"`{name}` must be a positive integer (layers per block), got {block!r}.")
-    return int(block)
+    return int(block)  # type: ignore[call-overload]
 
 
 def _check_depth(depth: object) -> int:

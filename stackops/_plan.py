@@ -117,7 +117,7 @@ class Plan:
     name: str = "plan"
     origin: tuple[int | None, ...] | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.depth_in, bool) or not isinstance(self.depth_in, (int, np.integer)):
             raise TypeError(f"Plan.depth_in must be an integer, got {self.depth_in!r}.")
         object.__setattr__(self, "depth_in", int(self.depth_in))

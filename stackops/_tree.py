@@ -142,7 +142,7 @@ def _copy_safe(x: Any) -> bool:
         return True  # functions and other callables: behaviour, not state
     if isinstance(x, tuple):
         return all(_copy_safe(y) for y in x)
-    if dataclasses.is_dataclass(x) and type(x).__dataclass_params__.frozen:  # type: ignore[attr-defined]
+    if dataclasses.is_dataclass(x) and type(x).__dataclass_params__.frozen:  # type: ignore[attr-defined,union-attr]
         return True
     try:
         hash(x)
