@@ -13,6 +13,7 @@ from ._ops import loop_tie as loop_tie
 from ._ops import middle_stack as middle_stack
 from ._ops import untie as untie
 from ._optim import grow_opt_state as grow_opt_state
+from ._per_layer import muon_dimension_numbers as muon_dimension_numbers
 from ._plan import Keep as Keep
 from ._plan import Mix as Mix
 from ._plan import Plan as Plan

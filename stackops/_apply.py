@@ -17,7 +17,7 @@ from ._adapters import AbstractLayerAdapter, find_adapter
 from ._ops import AbstractGrowth
 from ._plan import Plan, resolve
 from ._stack import Stack, check_same_structure
-from ._tree import check_copyable, is_layer_array, unsafe_leaves
+from ._tree import check_copyable, is_layer_array, stack_leaves, unsafe_leaves
 
 __all__ = ["grow", "get_layers", "make_plan", "PreserveFn", "LayerView", "view_of", "rebuild"]
 
@@ -231,13 +231,18 @@ def _mix_rows(x: jax.Array, specs: Specs, axis: int) -> jax.Array:
         primary.append(srcs[int(np.argmax(ws))])  # a copy (non-float leaves: the main source)
         if floating and not (len(srcs) == 1 and ws[0] == 1.0):
             mixes.append((r, sp))
-    pieces: list[jax.Array] = []
+    runs: list[tuple[int, int]] = []
     start = 0
     for i in range(1, len(primary) + 1):
         if i == len(primary) or primary[i] != primary[i - 1] + 1:
-            pieces.append(jax.lax.slice_in_dim(x, primary[start], primary[i - 1] + 1, axis=axis))
+            runs.append((primary[start], primary[i - 1] + 1))
             start = i
-    out = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=axis)
+    if len(runs) > _MANY_MIXES:
+        # Many short runs: one gather, whose compile time does not grow with their number.
+        out = jnp.take(x, np.asarray(primary, np.int32), axis=axis, unique_indices=False)
+    else:
+        pieces = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in runs]
+        out = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=axis)
     if not mixes:
         return out
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -304,10 +309,14 @@ def _jitted(
     specs: Specs,
     preserve: PreserveFn | None,
     new_rows: tuple[int, ...],
-    static: Any,
+    static_def: Any,
+    static_leaves: tuple[Any, ...],
     shardings: Any,
     axis: int,
 ):
+    # The static part is keyed by its treedef and leaves: a dict (a parameter dict's static
+    # part) is unhashable itself, and would otherwise recompile on every call.
+    static = jax.tree.unflatten(static_def, static_leaves)
     fn = functools.partial(
         _grow_dynamic, specs=specs, preserve=preserve, new_rows=new_rows, static=static, axis=axis
     )
@@ -335,8 +344,11 @@ def grow_stacked_arrays(
             shardings = jax.tree.unflatten(
                 treedef, [_out_sharding(x, len(specs), axis) for x in leaves]
             )
+        static_leaves, static_def = jax.tree.flatten(static)
         try:
-            fn = _jitted(specs, preserve, new_rows, static, shardings, axis)
+            fn = _jitted(
+                specs, preserve, new_rows, static_def, tuple(static_leaves), shardings, axis
+            )
         except TypeError:  # unhashable static part or selector: run without the cache
             fn = jax.jit(
                 functools.partial(
@@ -486,7 +498,7 @@ def grow_view(
             check_same_structure(group, f"the sources of new layer {i} at `{argname}`",
                                  compare_values=False)
         dyn = [eqx.filter(g, eqx.is_array) for g in group]
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *dyn)
+        stacked = stack_leaves(dyn)
         one = grow_stacked_arrays(
             eqx.combine(stacked, static),
             ((tuple(range(len(srcs))), ws),),
@@ -510,7 +522,7 @@ def replace_at(where: Callable[[Any], Any], tree: Any, new: Any) -> Any:
     # `where(tree)`, and swap it in.
     target = where(tree)
     ids = [id(x) for x in jax.tree.leaves(target)]
-    found = []
+    found: list[Any] = []
 
     def is_target(x: Any) -> bool:
         if x is tree or not ids or found:
@@ -616,7 +628,8 @@ def grow(
     if on_depth is not None:
         if not callable(on_depth):
             raise TypeError(
-                f"`on_depth` must be a function (grown_model, new_depth) -> model, got {on_depth!r}."
+                "`on_depth` must be a function (grown_model, new_depth) -> model, got "
+                f"{on_depth!r}."
             )
         out = on_depth(out, plan.depth_out)
     return out  # type: ignore[return-value]

@@ -7,6 +7,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import numpy as np
+
 from ._plan import Plan, plan_from_sources, resolve
 
 __all__ = [
@@ -22,14 +24,56 @@ __all__ = [
 
 
 def _check_block(block: object, name: str = "block") -> int:
-    if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
+    is_int = isinstance(block, (int, np.integer)) and not isinstance(block, (bool, np.bool_))
+    if not is_int or block <= 0:  # type: ignore[operator]
         raise ValueError(f"`{name}` must be a positive integer (layers per block), got {block!r}.")
-    return block
+    return int(block)  # type: ignore[call-overload]
+
+
+def _check_depth(depth: object) -> int:
+    if isinstance(depth, (bool, np.bool_)) or not isinstance(depth, (int, np.integer)):
+        raise TypeError(f"`depth` must be an integer (the number of positions), got {depth!r}.")
+    if depth < 1:
+        raise ValueError(f"`depth` must be >= 1, got {depth}.")
+    return int(depth)
+
+
+def _entry(pos: int, s: object) -> int | tuple[tuple[int, float], ...]:
+    """One `layer_map` entry: an index, or a sequence of (index, weight) pairs."""
+    if isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)):
+        return int(s)
+    if isinstance(s, (str, bytes, float, bool, np.floating, np.bool_)) or not hasattr(
+        s, "__iter__"
+    ):
+        raise TypeError(
+            f"layer_map: sources[{pos}] must be an int (a position) or a sequence of "
+            f"(position, weight) pairs, got {s!r}."
+        )
+    pairs = []
+    for pair in s:  # type: ignore[attr-defined]
+        try:
+            i, w = pair
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"layer_map: sources[{pos}] must be a sequence of (position, weight) pairs; "
+                f"{pair!r} is not a pair."
+            ) from None
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise TypeError(
+                f"layer_map: sources[{pos}] has position {i!r}; positions must be integers."
+            )
+        try:
+            wf = float(w)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"layer_map: sources[{pos}] has weight {w!r}; weights must be real numbers."
+            ) from None
+        pairs.append((int(i), wf))
+    return tuple(pairs)
 
 
 def _num_blocks(depth: int, block: int, op: str) -> int:
-    if depth < 1:
-        raise ValueError(f"{op}: depth must be >= 1, got {depth}.")
+    depth = _check_depth(depth)
     if block > depth:
         raise ValueError(
             f"{op}: block={block} is larger than the stack's depth {depth}: use a block of at "
@@ -187,8 +231,13 @@ class loop_tie(AbstractGrowth):
         self, block: int = 1, repeats: int = 2, *, at: Literal["middle", "last"] = "middle"
     ):
         self.block = _check_block(block)
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        if (
+            isinstance(repeats, (bool, np.bool_))
+            or not isinstance(repeats, (int, np.integer))
+            or repeats < 1
+        ):
             raise ValueError(f"`repeats` must be an integer >= 1, got {repeats!r}.")
+        repeats = int(repeats)
         if at not in ("middle", "last"):
             raise ValueError(f'`at` must be "middle" or "last", got {at!r}.')
         self.repeats = repeats
@@ -223,6 +272,7 @@ class untie(AbstractGrowth):
     """
 
     def plan(self, depth: int, *, order: Sequence[int] | None = None) -> Plan:
+        depth = _check_depth(depth)
         if order is None:
             order = range(depth)
         if len(order) != depth:
@@ -263,7 +313,10 @@ class interpolate(AbstractGrowth):
 
     def __init__(self, block: int = 1, t: float = 0.5, *, at: Literal["middle", "all"] = "middle"):
         self.block = _check_block(block)
-        t = float(t)
+        try:
+            t = float(t)
+        except (TypeError, ValueError):
+            raise ValueError(f"`t` must be a number in [0, 1], got {t!r}.") from None
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"`t` must be in [0, 1], got {t}.")
         if at not in ("middle", "all"):
@@ -341,16 +394,20 @@ class layer_map(AbstractGrowth):
         name: str | None = None,
     ):
         if not callable(sources):
-            sources = tuple(
-                s if isinstance(s, int) else tuple((int(i), float(w)) for i, w in s)
-                for s in sources
-            )
+            if isinstance(sources, (str, bytes)) or not hasattr(sources, "__iter__"):
+                raise TypeError(
+                    "layer_map: `sources` must be a sequence of entries (positions or mixes) or "
+                    f"a function of the depth, got {sources!r}."
+                )
+            sources = tuple(_entry(p, s) for p, s in enumerate(sources))
         self.sources = sources
         self.tie = bool(tie)
         self.name = name
 
     def plan(self, depth: int, *, order: Sequence[int] | None = None) -> Plan:
+        depth = _check_depth(depth)
         src = self.sources(depth) if callable(self.sources) else self.sources
+        src = [_entry(p, s) for p, s in enumerate(src)]
         return plan_from_sources(
             depth, list(src), tie=self.tie, name=self.name or f"layer_map(tie={self.tie})"
         )
@@ -383,6 +440,7 @@ class compose(AbstractGrowth):
         self.ops = tuple(ops)
 
     def plan(self, depth: int, *, order: Sequence[int] | None = None) -> Plan:
+        depth = _check_depth(depth)
         plan = self.ops[0].plan(depth, order=order)
         cur_order = resolve(plan, order)[1]
         for op in self.ops[1:]:

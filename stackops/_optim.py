@@ -25,7 +25,8 @@ from ._apply import (
 )
 from ._ops import AbstractGrowth
 from ._plan import Plan, resolve
-from ._stack import Stack, raw_stack as _raw_stack
+from ._stack import Stack
+from ._stack import raw_stack as _raw_stack
 from ._tree import is_layer_array
 
 __all__ = ["grow_opt_state"]

@@ -16,7 +16,10 @@ layer axis (a weighted sum only for mixes), done by [`stackops.grow`][].
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,11 @@ class Mix:
                 f"Mix needs as many weights as sources (at least one); got sources={self.sources}"
                 f" and weights={self.weights}."
             )
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(
+                f"Mix weights must be finite numbers, got {self.weights}: a NaN or infinite "
+                "weight would fill the new layer with NaN/inf."
+            )
 
     @property
     def is_copy(self) -> bool:
@@ -109,7 +117,22 @@ class Plan:
     name: str = "plan"
     origin: tuple[int | None, ...] | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        if isinstance(self.depth_in, bool) or not isinstance(self.depth_in, (int, np.integer)):
+            raise TypeError(f"Plan.depth_in must be an integer, got {self.depth_in!r}.")
+        object.__setattr__(self, "depth_in", int(self.depth_in))
+        object.__setattr__(self, "order", tuple(int(i) if isinstance(i, np.integer) else i
+                                                for i in self.order))
+        if self.depth_in < 1:
+            raise ValueError(f"Plan.depth_in must be >= 1, got {self.depth_in}.")
+        n = len(self.layers)
+        if not self.order:
+            raise ValueError("Plan.order is empty: a grown stack needs at least one position.")
+        for i in self.order:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"Plan.order entries must be integers, got {i!r}.")
+            if not 0 <= i < n:
+                raise ValueError(f"Plan.order refers to layer {i}, but there are only {n} layers.")
         if self.origin is None:
             # By default a position continues the old position it keeps (first use only);
             # every other position is inserted.
@@ -125,12 +148,6 @@ class Plan:
             object.__setattr__(self, "origin", tuple(origin))
         elif len(self.origin) != len(self.order):
             raise ValueError("Plan.origin needs one entry per new position.")
-        if self.depth_in < 1:
-            raise ValueError(f"Plan.depth_in must be >= 1, got {self.depth_in}.")
-        n = len(self.layers)
-        for i in self.order:
-            if not 0 <= i < n:
-                raise ValueError(f"Plan.order refers to layer {i}, but there are only {n} layers.")
         if set(self.order) != set(range(n)):
             unused = sorted(set(range(n)) - set(self.order))
             raise ValueError(f"Plan has stored layers {unused} that no position runs.")

@@ -74,7 +74,7 @@ def check_preserved(
     after = apply(grown, *args)
     lb, tb = jax.tree_util.tree_flatten_with_path(before)
     la, ta = jax.tree_util.tree_flatten_with_path(after)
-    if tb != ta:
+    if tb != ta:  # type: ignore[operator]
         raise ValueError(
             f"check_preserved: the outputs differ in structure ({tb} vs {ta}): growth changed "
             "what the model returns."

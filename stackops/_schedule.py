@@ -3,16 +3,40 @@
 from __future__ import annotations
 
 import bisect
+import heapq
+import math
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 __all__ = ["prop_schedule", "stage_at", "stage_starts", "ideal_speedup", "schedule_speedup"]
 
 
 def _check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"`alpha` must be a number >= 0, got {alpha!r}.") from None
     if not alpha >= 0.0:  # also rejects NaN
         raise ValueError(f"`alpha` must be >= 0 (0 gives equal stages), got {alpha}.")
+    if math.isinf(alpha):
+        raise ValueError(
+            "`alpha` must be finite; a very large alpha gives (almost) every step to the last "
+            "stage, e.g. alpha=100."
+        )
     return alpha
+
+
+def _check_int(x: object, name: str, minimum: int) -> int:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {what}, got {x!r}.")
+    return int(x)
+
+
+def _weights(stages: int, alpha: float) -> list[float]:
+    """`(i / k)^alpha` for i = 1..k: proportional to `i^alpha`, and never overflowing."""
+    return [math.exp(alpha * (math.log(i + 1) - math.log(stages))) for i in range(stages)]
 
 
 def prop_schedule(total_steps: int, stages: int, alpha: float = 1.0) -> tuple[int, ...]:
@@ -36,30 +60,34 @@ def prop_schedule(total_steps: int, stages: int, alpha: float = 1.0) -> tuple[in
         assert so.prop_schedule(210, 6, alpha=1) == (10, 20, 30, 40, 50, 60)
         ```
     """
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"`stages` must be an integer >= 1, got {stages!r}.")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"`total_steps` must be a positive integer, got {total_steps!r}.")
+    stages = _check_int(stages, "stages", 1)
+    total_steps = _check_int(total_steps, "total_steps", 1)
     if stages > total_steps:
         raise ValueError(
             f"prop_schedule: {stages} stages need at least {stages} steps, but total_steps is "
             f"{total_steps}: use fewer stages or more steps."
         )
     alpha = _check_alpha(alpha)
-    w = [(i + 1) ** alpha for i in range(stages)]
-    z = sum(w)
+    w = _weights(stages, alpha)
+    z = math.fsum(w)
     exact = [total_steps * x / z for x in w]
     lengths = [int(e) for e in exact]
     rest = total_steps - sum(lengths)
     by_frac = sorted(range(stages), key=lambda i: (-(exact[i] - lengths[i]), -i))
     for i in by_frac[:rest]:
         lengths[i] += 1
-    # Every stage trains at least one step: take from the longest stages.
-    for i in range(stages):
-        while lengths[i] == 0:
-            j = max(range(stages), key=lambda j: lengths[j])
-            lengths[j] -= 1
+    # Every stage trains at least one step: take from the longest stages (a heap keeps this
+    # O(k log k) however many stages are empty).
+    empty = [i for i in range(stages) if lengths[i] == 0]
+    if empty:
+        heap = [(-n, -j) for j, n in enumerate(lengths) if n > 1]
+        heapq.heapify(heap)
+        for i in empty:
+            n, j = heapq.heappop(heap)
+            lengths[-j] -= 1
             lengths[i] += 1
+            if -n - 1 > 1:
+                heapq.heappush(heap, (n + 1, j))
     return tuple(lengths)
 
 
@@ -76,7 +104,7 @@ def stage_starts(schedule: Sequence[int]) -> tuple[int, ...]:
     """
     starts, acc = [], 0
     for n in schedule:
-        if n < 1:
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"`schedule` lengths must be positive, got {tuple(schedule)}.")
         starts.append(acc)
         acc += n
@@ -97,8 +125,9 @@ def stage_at(step: int, schedule: Sequence[int]) -> int:
         assert [so.stage_at(s, sched) for s in (0, 9, 10, 29, 30, 59)] == [0, 0, 1, 1, 2, 2]
         ```
     """
-    if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step}.")
+    step = _check_int(step, "step", 0)
+    if len(schedule) == 0:
+        raise ValueError("stage_at: `schedule` is empty; it needs at least one stage length.")
     starts = stage_starts(schedule)
     return bisect.bisect_right(starts, step) - 1
 
@@ -117,11 +146,11 @@ def ideal_speedup(stages: int, alpha: float = 1.0) -> float:
         assert round(so.ideal_speedup(6, alpha=1), 3) == 1.385
         ```
     """
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"`stages` must be an integer >= 1, got {stages!r}.")
+    stages = _check_int(stages, "stages", 1)
     alpha = _check_alpha(alpha)
-    num = stages * sum((i + 1) ** alpha for i in range(stages))
-    den = sum((i + 1) ** (alpha + 1) for i in range(stages))
+    w = _weights(stages, alpha)  # i^alpha / k^alpha: the common factor cancels
+    num = stages * math.fsum(w)
+    den = math.fsum(x * (i + 1) for i, x in enumerate(w))
     return num / den
 
 

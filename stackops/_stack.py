@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._tree import check_copyable, structure_difference
+from ._tree import check_copyable, stack_leaves, structure_difference
 
 __all__ = ["Stack", "stack", "unstack"]
 
@@ -225,7 +225,7 @@ def stack(layers: Sequence[M], *, axis: int = 0) -> Any:
                 "dimensions; the layer axis can go at most after the last one."
             )
     static = eqx.filter(layers[0], eqx.is_array, inverse=True)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *dyn)
+    stacked = stack_leaves(dyn, axis)
     if axis == 0:
         return Stack(eqx.combine(stacked, static))
     return eqx.combine(stacked, static)

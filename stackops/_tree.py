@@ -142,7 +142,7 @@ def _copy_safe(x: Any) -> bool:
         return True  # functions and other callables: behaviour, not state
     if isinstance(x, tuple):
         return all(_copy_safe(y) for y in x)
-    if dataclasses.is_dataclass(x) and type(x).__dataclass_params__.frozen:  # type: ignore[attr-defined]
+    if dataclasses.is_dataclass(x) and type(x).__dataclass_params__.frozen:  # type: ignore[attr-defined,union-attr]
         return True
     try:
         hash(x)
@@ -183,3 +183,12 @@ def check_copyable(layers: Sequence[Any], what: str) -> None:
                 "array or an immutable value, or register an adapter for its container "
                 "(stackops.register_adapter)."
             )
+
+
+def stack_leaves(trees: Sequence[Any], axis: int = 0) -> Any:
+    """Stack same-structured trees leafwise (structure checked beforehand: no `==` on aux)."""
+    import jax.numpy as jnp
+
+    treedef = jax.tree.structure(trees[0])
+    columns = zip(*(jax.tree.leaves(t) for t in trees))
+    return jax.tree.unflatten(treedef, [jnp.stack(col, axis=axis) for col in columns])

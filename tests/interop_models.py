@@ -180,7 +180,6 @@ def _penzai_run(layer):
 
 
 def _pz_out_leaves(block):
-    from penzai import pz
 
     down = block.delta.sublayers[2]
     return (down.sublayers[0].weights, down.sublayers[1].bias)

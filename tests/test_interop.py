@@ -222,3 +222,87 @@ def test_grown_opt_state_has_init_structure_and_update_runs(name, opt_name):
     g = jax.tree.map(jnp.ones_like, grown_params)
     updates, _ = opt.update(g, new_state, grown_params)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+@_need("flax")
+def test_nnx_state_grows_and_split_merge_round_trips():
+    from flax import nnx
+
+    case = nnx_list(2)
+    op = so.middle_stack(block=1)
+    grown = so.grow(case.model, op, where=case.where)
+    graphdef, state = nnx.split(grown)
+    merged = nnx.merge(graphdef, state)
+    np.testing.assert_array_equal(np.asarray(case.run(merged)), np.asarray(case.run(grown)))
+    # Growing the split state directly gives the split of the grown model.
+    _, old_state = nnx.split(case.model)
+    grown_state = so.grow(old_state, op, where=lambda s: s["blocks"])
+    a, b = jax.tree.leaves(grown_state), jax.tree.leaves(state)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    remerged = nnx.merge(graphdef, grown_state)
+    np.testing.assert_array_equal(np.asarray(case.run(remerged)), np.asarray(case.run(grown)))
+
+
+@_need("haliax")
+def test_haliax_named_layer_axis_follows_the_depth_and_on_depth_updates_a_config():
+    import dataclasses
+
+    case = haliax_stacked(2)
+    grown = so.grow(case.model, so.compose(so.middle_stack(1), so.last_stack(1)), where=case.where)
+    assert grown.blocks.Block.size == 4
+    for leaf in jax.tree.leaves(grown.blocks.stacked, is_leaf=lambda x: hasattr(x, "axes")):
+        assert leaf.resolve_axis("layer").size == 4
+    assert np.isfinite(case.run(grown)).all()
+    with pytest.raises(ValueError, match="tied"):
+        so.grow(case.model, so.loop_tie(block=1), where=case.where)
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        num_layers: int
+
+    class WithConfig(eqx.Module):
+        blocks: object
+        config: Config = eqx.field(static=True)
+
+    m = WithConfig(case.model.blocks, Config(2))
+    g = so.grow(
+        m,
+        so.middle_stack(1),
+        where=lambda m: m.blocks,
+        on_depth=lambda m, n: WithConfig(m.blocks, dataclasses.replace(m.config, num_layers=n)),
+    )
+    assert g.config.num_layers == 3 and g.blocks.Block.size == 3
+
+
+@_need("penzai")
+def test_penzai_copies_get_fresh_unique_labels():
+    from penzai import pz
+
+    case = penzai_sequential(2)
+    grown = so.grow(case.model, so.middle_stack(1), where=case.where)
+    labels = [p.label for p in pz.select(grown).at_instances_of(pz.Parameter).get_sequence()]
+    assert len(labels) == len(set(labels))
+    old = {p.label for p in pz.select(case.model).at_instances_of(pz.Parameter).get_sequence()}
+    assert old < set(labels)
+
+
+def test_stack_and_unstack_with_a_layer_axis_round_trip():
+    layers = [{"w": jnp.full((2, 3), float(i))} for i in range(4)]
+    t = so.stack(layers, axis=1)
+    assert t["w"].shape == (2, 4, 3)
+    back = so.unstack(t, axis=1)
+    for a, b in zip(back, layers):
+        np.testing.assert_array_equal(a["w"], b["w"])
+    with pytest.raises(ValueError, match="axis"):
+        so.unstack({"w": jnp.zeros((2, 4)), "b": jnp.zeros((3, 4))}, axis=0)
+    with pytest.raises(ValueError, match="axis"):
+        so.grow({"w": jnp.zeros((2, 4)), "b": jnp.zeros((3, 4))}, so.last_stack(1),
+                where=lambda p: p)
+    with pytest.raises(ValueError, match="Stack"):
+        so.grow({"w": jnp.zeros((2, 4))}, so.loop_tie(1), where=lambda p: p)
+    with pytest.raises(ValueError, match="drop `axis=`"):
+        so.grow([jnp.zeros(2)] * 2, so.last_stack(1), where=lambda p: p, axis=1)
