@@ -690,7 +690,9 @@ def upscale_hf(
     (out / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
     _copy_side_files(source, out)
     if provenance:
-        record = make_provenance(plan, op=op, preserve=bool(zero), source=str(source))
+        record = make_provenance(
+            plan, op=None if isinstance(op, Plan) else op, preserve=bool(zero), source=str(source)
+        )
         (out / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return plan
 
