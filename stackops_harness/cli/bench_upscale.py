@@ -15,14 +15,15 @@ its peak memory is its own:
   is also shown as `cp input`);
 - `stackops`: `stackops.models.upscale_hf(src, dst, op)`, streaming tensor by tensor;
 - `stackops (in memory)`: `from_hf`, `stackops.grow`, `to_hf` (holds the input and the
-  grown model);
+  grown model); `from_hf (read only)` is its first step alone (reading holds one model);
 - `mergekit`: mergekit's own `run_merge` on the passthrough config that
   `stackops.to_mergekit` writes for the operator (`--no-mergekit` skips it).
 
 Columns: `s` = wall time of the work inside the process (imports excluded, best of
 `--reps`); `x floor` = that over the floor's; `peak MB` = the process's peak resident memory
 (`VmHWM`); `above import MB` = that minus the peak of a process that only imports the
-same libraries; `x ckpt` = the peak above imports over the input checkpoint's size. The
+same libraries; `x ckpt` = the peak above imports over the input checkpoint's size (the import-only
+process for stackops also starts JAX's CPU client, as `from_hf` does). The
 targets: stackops within 2x of the floor, faster than mergekit, peak memory below 1.5x the
 checkpoint. The outputs of stackops and mergekit are compared tensor by tensor.
 
@@ -78,7 +79,7 @@ def llama_shape(params: int) -> dict[str, int]:
         ```
     """
     best = None
-    for d in range(128, 8193, 64):
+    for d in range(128, 8193, 128):
         cfg = _cfg(d)
         err = abs(count_params(cfg) - params)
         if best is None or err < best[0]:
@@ -93,7 +94,7 @@ def _cfg(d: int) -> dict[str, int]:
         "hidden_size": d,
         "intermediate_size": int(round(d * 8 / 3 / 64)) * 64,
         "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 4),
+        "num_key_value_heads": heads // 4 if heads % 4 == 0 else 1,
         "num_hidden_layers": LAYERS,
         "vocab_size": VOCAB,
     }
@@ -197,10 +198,22 @@ def worker(kind: str, src: Path, dst: Path, op_text: str, out_bytes: int) -> flo
     """Run one method once (imports done first) and return its seconds."""
     if kind in ("import-stackops", "import-mergekit"):
         if kind == "import-stackops":
+            import jax
+
             import stackops.models  # noqa: F401
+
+            jax.numpy.zeros(1).block_until_ready()  # the XLA client, as from_hf starts it
         else:
             import mergekit.merge  # noqa: F401
         return 0.0
+    if kind == "from_hf":
+        import jax
+
+        from stackops.models import from_hf
+
+        t0 = time.perf_counter()
+        jax.block_until_ready(from_hf(src))
+        return time.perf_counter() - t0
     if kind in ("stackops", "stackops-memory"):
         import stackops as so
         from stackops.models import from_hf, to_hf, upscale_hf
@@ -299,7 +312,7 @@ def _bench(args: argparse.Namespace) -> int:
               f"{plan.depth_out} layers, {out_bytes / 1e6:.0f} MB out")
         kinds = ["floor", "cp", "stackops"]
         if not args.no_memory_path:
-            kinds.append("stackops-memory")
+            kinds += ["from_hf", "stackops-memory"]
         if not args.no_mergekit:
             kinds.append("mergekit")
         results: dict[str, dict[str, Any]] = {}
@@ -327,7 +340,8 @@ def _report(results: dict[str, dict[str, Any]], base: dict[str, float], in_bytes
             same: bool | None, args: argparse.Namespace) -> None:
     floor = results["floor"]["seconds"]
     names = {"floor": "floor (read in, write out)", "cp": "cp input", "stackops": "stackops",
-             "stackops-memory": "stackops (in memory)", "mergekit": "mergekit"}
+             "stackops-memory": "stackops (in memory)", "from_hf": "from_hf (read only)",
+             "mergekit": "mergekit"}
     print(f"{'method':<28}{'s':>8}{'x floor':>9}{'peak MB':>10}{'above import MB':>17}"
           f"{'x ckpt':>8}")
     rows = []

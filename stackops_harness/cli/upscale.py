@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             bar = None
     t0 = time.perf_counter()
     try:
-        upscale_hf(src, dst, plan, preserve=args.preserve, dtype=args.dtype,
+        upscale_hf(src, dst, op, preserve=args.preserve, dtype=args.dtype,
                    max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                    progress=None if bar is None else bar.update)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
