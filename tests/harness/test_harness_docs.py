@@ -16,6 +16,7 @@ HARNESS_MODULES = [
     "methods",
     "metrics",
     "paths",
+    "provenance",
     "reasoning",
     "report",
     "sharding",
