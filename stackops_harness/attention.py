@@ -43,7 +43,7 @@ import threading
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -380,7 +380,7 @@ def dot_product_causal_attention(
     v: Float[Array, "B T H Dh"],
     rope: tuple[Array, Array] | None = None,
     *,
-    implementation: str = "xla",
+    implementation: Literal["xla", "cudnn"] = "xla",
 ) -> Float[Array, "B T H Dh"]:
     """[`stackops.models.causal_attention`][] through `jax.nn.dot_product_attention`.
 
@@ -515,7 +515,7 @@ def resolve_attention(
         problem = cudnn_problem(
             compute_dtype=compute_dtype, head_dim=head_dim, devices=mesh.devices
         )
-        impl = "xla" if problem is not None else "cudnn"
+        impl: Literal["xla", "cudnn"] = "xla" if problem is not None else "cudnn"
         if problem is not None and platforms == {"gpu"} and compute_dtype in CUDNN_DTYPES:
             warnings.warn(
                 f"cuDNN attention cannot be used: {problem}; XLA's instead.", stacklevel=2

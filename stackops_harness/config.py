@@ -286,7 +286,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ckpt_every=250,
         log_every=10,
     ),
-    # An accelerator run: ~113M parameters (16 blocks of width 768), bf16 matmuls, 32K
+    # An accelerator run: 114M parameters (16 blocks of width 768), bf16 matmuls, 32K
     # tokens per step (~1B tokens in all).
     "gpu": dict(
         d_model=768,

@@ -81,7 +81,7 @@ def make_eval_step(
     compute_dtype: str = "float32",
     unroll: int = 0,
     attention: AttentionFn | None = None,
-) -> Callable[[Any, jax.Array], jax.Array]:
+) -> jax.stages.Wrapped:
     """A jitted `(params, tokens) -> loss` for the model whose non-array part is `static`.
 
     Parameters arrive with `param_shardings`, tokens split by rows over the data axis; the

@@ -18,7 +18,6 @@ the depth and a looped stack's routing) stays on the host. The functions here
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -420,7 +419,7 @@ def make_train_step(
     mesh: Mesh,
     *,
     attention: AttentionFn | None = None,
-) -> Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]:
+) -> jax.stages.Wrapped:
     """The jitted train step of one stage: `(params, opt_state, tokens) -> (params,
     opt_state, {"loss", "grad_norm"})`, donating the old state. The attention core is
     the one `config.attention` resolves to on `mesh` (`stackops_harness.attention`),

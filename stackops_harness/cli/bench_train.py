@@ -328,7 +328,8 @@ def bench_steps(cfg: TrainConfig, *, repeats: int, steps: int, threads: int) -> 
     flops = step_flops(cfg, cfg.depth)
     ref = min(times[next(iter(variants))])
     torch_t = min(times[torch_name]) if has_torch else None
-    rows, out = [], {}
+    rows: list[list[Any]] = []
+    out: dict[str, Any] = {}
     for name, ts in times.items():
         t = min(ts)
         ratio = (torch_t / t) if torch_t else (ref / t)
@@ -420,9 +421,9 @@ def bench_stage_steps(cfg: TrainConfig, *, repeats: int, steps: int) -> dict[str
     )
     runners = {}
     for depth in sorted(set(depths)):
-        stage = compile_stage(cfg, depth, mesh)
-        compiled = stage.step
-        state = {"p": stage.params, "o": stage.opt_state}
+        compiled_stage = compile_stage(cfg, depth, mesh)
+        compiled = compiled_stage.step
+        state = {"p": compiled_stage.params, "o": compiled_stage.opt_state}
 
         def run(compiled=compiled, state=state) -> None:
             state["p"], state["o"], m = compiled(state["p"], state["o"], batch)

@@ -2,7 +2,7 @@
 
     python experiments/midas.py --preset smoke            # about a minute
     python experiments/midas.py                           # default preset, ~14 min on 2 CPU cores
-    python experiments/midas.py --preset gpu --seeds 3    # ~100M parameters, for an accelerator
+    python experiments/midas.py --preset gpu --seeds 3    # 118M parameters, for an accelerator
     python experiments/midas.py --alpha 2 --out runs/midas-a2
     python experiments/midas.py --ablation opt_policy=zero --methods midas --out runs/abl-zero
 
@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         prim=dict(n_eval=500, ft_steps=40, ft_runs=3, ft_batch=16),
         corpus=dict(MIX, max_mb=20.0),
     ),
-    # An accelerator: ~120M parameters at the final depth (24 layers of width 640), bf16.
+    # An accelerator: 118M parameters at the final depth (24 layers of width 640), bf16.
     "gpu": dict(
         train=dict(
             d_model=640, n_heads=10, depth=24, stages=6, seq_len=512, global_batch=64,

@@ -123,3 +123,24 @@ def test_choice_is_valid_config_and_auto_keeps_the_cpu_choice():
         # `auto` on CPU is unchanged: the kernel or XLA's core, never dot-product.
         name, _ = resolve_attention("auto", compute_dtype="float32", head_dim=8, mesh=mesh)
         assert name == "xla"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
+def test_on_gpu_auto_uses_cudnn_and_matches_the_jnp_core_in_bfloat16():
+    mesh = make_mesh()
+    name, fn = resolve_attention("auto", compute_dtype="bfloat16", head_dim=64, mesh=mesh)
+    assert name == "dot-product:cudnn", cudnn_problem(
+        compute_dtype="bfloat16", head_dim=64, devices=mesh.devices
+    )
+    q, k, v, w = (
+        jax.random.normal(x, (4, 256, 4, 64)) for x in jax.random.split(jax.random.key(0), 4)
+    )
+    rope = rope_tables(256, 64)
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got = jax.jit(lambda q, k, v: fn(q, k, v, rope))(*bf)
+    want = causal_attention(q, k, v, rope)  # float32 reference
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+    g_got = jax.jit(_grads, static_argnums=0)(partial(fn, rope=rope), *bf, w.astype(jnp.bfloat16))
+    g_want = _grads(partial(causal_attention, rope=rope), q, k, v, w)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(a.astype(jnp.float32), b, atol=0.1, rtol=0.05)

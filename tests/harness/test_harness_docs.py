@@ -17,6 +17,7 @@ HARNESS_MODULES = [
     "lock",
     "metrics",
     "paths",
+    "provenance",
     "reasoning",
     "report",
     "sharding",
