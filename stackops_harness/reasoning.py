@@ -45,7 +45,8 @@ class PrimitiveEvalConfig:
       `stackops_harness.primitives.shots_that_fit`), an int gives every task that many
       (an error where they do not fit). Prompts are never cut.
     - `max_len`: the context length used at evaluation (the model's training length).
-    - `batch_size`: rows per forward pass of the teacher-forced scoring.
+    - `batch_size`: rows per forward pass of the teacher-forced scoring (32 is faster per
+      row than 128 on CPU).
     - `greedy_n`: prompts per task of the greedy-generation check.
     - `ft_examples`, `ft_steps`, `ft_lr`, `ft_batch`, `ft_runs`: fine-tuning on
       `ft_examples` pool examples for `ft_steps` AdamW steps, repeated `ft_runs` times on
@@ -57,7 +58,7 @@ class PrimitiveEvalConfig:
     n_eval: int = 500
     shots: int | None = None
     max_len: int = 128
-    batch_size: int = 128
+    batch_size: int = 32
     greedy_n: int = 100
     ft_examples: int = 64
     ft_steps: int = 60

@@ -35,7 +35,7 @@ def solve_varassign(prompt: str) -> tuple[str, int]:
 
 
 def solve_math(prompt: str) -> str:
-    assert re.fullmatch(r"\d([+-]\d){1,2}=", prompt), prompt
+    assert re.fullmatch(r"\d([+-]\d){2,3}=", prompt), prompt
     value = int(prompt[0])
     for op, digit in zip(prompt[1:-1:2], prompt[2:-1:2], strict=True):
         value = value + int(digit) if op == "+" else value - int(digit)
@@ -55,6 +55,8 @@ def solve_induction(prompt: str) -> str:
 
 
 def solve(task: str, prompt: str) -> str:
+    if task == "recall":
+        return {e.prompt: e.answer for e in primitives.recall_table()}[prompt]
     if task == "induction":
         return solve_induction(prompt)
     if task == "math":
@@ -78,24 +80,93 @@ def test_generators_are_deterministic_distinct_and_correct(task):
             assert re.fullmatch("[a-z]{2}", e.answer)
         else:
             assert re.fullmatch("[0-9]", e.answer)
+        assert len(e.prompt) + len(e.answer) + 1 <= primitives.max_line_length(task)
+
+
+def _chains(prompt: str) -> list[list[str]]:
+    """The chains of a variable-assignment prompt, each from its literal to its end."""
+    pairs = dict(p.split("=") for p in prompt.split(",")[:-1])
+    heads = [v for v, rhs in pairs.items() if rhs.isdigit()]
+    chains = []
+    for h in heads:
+        chain = [h]
+        while nxt := [v for v, rhs in pairs.items() if rhs == chain[-1]]:
+            assert len(nxt) == 1, prompt  # chains never branch
+            chain += nxt
+        chains.append(chain)
+    return chains
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
-def test_varassign_has_the_requested_depth_and_distractors(depth):
-    examples = primitives.generate(f"varassign_d{depth}", 200, seed=0)
+def test_varassign_has_parallel_chains_of_equal_depth(depth):
+    examples = primitives.generate(f"varassign_d{depth}", 300, seed=0)
     for e in examples:
         assert solve_varassign(e.prompt)[1] == depth
-        n_assignments = e.prompt.count("=") - 1
-        assert n_assignments == 1 + depth + sum(primitives.VARASSIGN_DISTRACTORS)
+        chains = _chains(e.prompt)
+        assert len(chains) == primitives.VARASSIGN_CHAINS
+        assert all(len(c) == depth + 1 for c in chains)  # equal depth: no chain stands out
+        literals = [c for c in e.prompt if c.isdigit()]
+        assert len(set(literals)) == len(literals) == primitives.VARASSIGN_CHAINS
+        query = e.prompt.rsplit(",", 1)[1][0]
+        assert sum(c[-1] == query for c in chains) == 1  # the query ends exactly one chain
     answers = [e.answer for e in examples]
     assert set(answers) == set("0123456789")  # every digit can be the answer
 
 
-def test_math_uses_two_and_three_operands_and_all_results():
+def test_shortcut_guesser_gains_nothing_on_parallel_chains():
+    # On the old format (the query chain references its root, distractor links point at
+    # random variables) the shortcut beats the informed guess; on parallel chains it cannot.
+    old = primitives.Example("a=5,b=3,c=a,c=?", "5")
+    assert primitives.floors("varassign_d1", [old])["shortcut"] == 1.0
+    for depth in (0, 1, 2):
+        f = primitives.floors(f"varassign_d{depth}",
+                              primitives.generate(f"varassign_d{depth}", 500, seed=0))
+        assert f["shortcut"] == pytest.approx(1 / primitives.VARASSIGN_CHAINS)
+        assert f["informed"] == pytest.approx(1 / primitives.VARASSIGN_CHAINS)
+        assert f["floor"] == max(f["uniform"], f["informed"], f["shortcut"])
+
+
+def test_floors_for_math_and_recall_are_the_most_frequent_answer():
+    exs = [primitives.Example("1+1+1=", "3")] * 3 + [primitives.Example("1+1-1=", "1")]
+    f = primitives.floors("math", exs)
+    assert f["informed"] == 0.75 and f["shortcut"] is None and f["floor"] == 0.75
+    with pytest.raises(ValueError, match="`examples`"):
+        primitives.floors("math", [])
+
+
+def test_math_uses_three_and_four_operands_and_all_results():
     examples = primitives.generate("math", 300, seed=0)
     lengths = {len(e.prompt) for e in examples}
-    assert lengths == {4, 6}
+    assert lengths == {6, 8}
     assert {e.answer for e in examples} == set("0123456789")
+    shares = primitives.math_kind_shares(examples)
+    assert set(shares) == {2, 3} and sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_recall_facts_are_fixed_and_eval_and_pool_share_them():
+    table = primitives.recall_table()
+    assert table == primitives.recall_table() and len(table) == primitives.RECALL_FACTS
+    assert len({e.prompt for e in table}) == len(table)
+    splits = primitives.make_splits("recall", n_eval=500, n_pool=64)
+    assert {e.prompt for e in splits.pool} <= {e.prompt for e in table}
+    assert {e.prompt for e in splits.pool} & {e.prompt for e in splits.eval}  # closed book
+
+
+@pytest.mark.parametrize("task", primitives.TASKS)
+def test_shots_that_fit_is_the_most_complete_shots_the_context_holds(task):
+    context = 128
+    k = primitives.shots_that_fit(task, context)
+    assert 0 <= k <= primitives.MAX_SHOTS
+    splits = primitives.make_splits(task, n_eval=200, n_pool=64)
+    prompts = primitives.k_shot_prompts(splits.eval, splits.pool, k=k)
+    rows = primitives.teacher_forced_batch(prompts, [e.answer for e in splits.eval],
+                                           max_len=context)
+    assert rows.tokens.shape == (200, context)
+    for p in prompts:
+        assert p.count("\n") == k  # k complete shots, nothing cut
+    if k < primitives.MAX_SHOTS:  # one more shot of the longest line would not fit
+        line = primitives.max_line_length(task)
+        assert (k + 1) * line + line - 1 > context
 
 
 def test_induction_answer_follows_the_first_occurrence(monkeypatch):
@@ -113,7 +184,7 @@ def test_induction_answer_follows_the_first_occurrence(monkeypatch):
     assert solve_induction("ab cd ef ab cd gh | ab cd ") == "ef"
 
 
-@pytest.mark.parametrize("task", primitives.TASKS)
+@pytest.mark.parametrize("task", [t for t in primitives.TASKS if t != "recall"])
 def test_splits_keep_eval_prompts_out_of_the_pool(task):
     splits = primitives.make_splits(task, n_eval=400, n_pool=200)
     assert len(splits.eval) == 400 and len(splits.pool) == 200
@@ -142,13 +213,13 @@ def test_generate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="`stream`"):
         primitives.generate("math", 1, seed=0, stream="train")
     with pytest.raises(ValueError, match="distinct.*`n`"):
-        primitives.generate("math", 5000, seed=0)
+        primitives.generate("recall", primitives.RECALL_FACTS + 1, seed=0)
     assert primitives.generate("math", 0, seed=0) == []
 
 
 def test_chance_accuracy():
     assert primitives.chance_accuracy("induction") == pytest.approx(1 / 676)
-    for task in ("varassign_d0", "varassign_d1", "varassign_d2", "math"):
+    for task in ("varassign_d0", "varassign_d1", "varassign_d2", "math", "recall"):
         assert primitives.chance_accuracy(task) == 0.1
     with pytest.raises(ValueError, match="`task`"):
         primitives.chance_accuracy("nope")
@@ -314,6 +385,70 @@ def test_greedy_generate_and_evaluate_together():
 
     score = primitives.evaluate_exact_match(generate_fn, splits.eval, splits.pool, k=5)
     assert score == pytest.approx(np.mean([e.answer == "7" for e in splits.eval]))
+
+
+def _peek(tokens):
+    """Predicts the token that really comes next in the row: right at every answer position
+    exactly when the scoring looks at the right positions."""
+    nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    return jax.nn.one_hot(nxt, 256)
+
+
+def test_teacher_forcing_scores_every_answer_token_at_its_position():
+    prompts = ["ab cd | ab ", "1+1=", "x=3,x=?"]
+    answers = ["cd", "2", "3"]
+    hits = primitives.teacher_forced_exact_match(_peek, prompts, answers, max_len=16)
+    assert hits.tolist() == [True, True, True]
+
+    def wrong_second_token(tokens):  # right on the first answer token, wrong on the second
+        logits = _peek(tokens)
+        return logits.at[0, len(prompts[0])].set(jax.nn.one_hot(ord("#"), 256))
+
+    hits = primitives.teacher_forced_exact_match(wrong_second_token, prompts, answers,
+                                                 max_len=16)
+    assert hits.tolist() == [False, True, True]
+    assert not primitives.teacher_forced_exact_match(_always("2"), prompts, answers,
+                                                     max_len=16)[0]
+
+
+def test_teacher_forcing_agrees_with_greedy_decoding_on_a_causal_model():
+    splits = primitives.make_splits("induction", n_eval=40, n_pool=8)
+    prompts = primitives.k_shot_prompts(splits.eval, splits.pool, k=1)
+    # A causal model: the successor of each token. Teacher forcing and greedy decoding see
+    # the same prefixes, so they agree on every example.
+    answers = [primitives.greedy_generate(_successor, [p], 2, max_len=80)[0] for p in prompts]
+    answers[::2] = [e.answer for e in splits.eval[::2]]
+    tf = primitives.teacher_forced_exact_match(_successor, prompts, answers, max_len=80,
+                                               batch_size=7)
+    greedy = [primitives.is_exact_match(g, a) for g, a in zip(
+        primitives.greedy_generate(_successor, prompts, 2, max_len=80), answers, strict=True)]
+    assert tf.tolist() == greedy and tf[1::2].all()
+
+
+def test_teacher_forcing_keeps_leading_axes_and_compiles_once():
+    traces = []
+
+    @jax.jit
+    def two_models(tokens):
+        traces.append(tokens.shape)
+        return jnp.stack([_peek(tokens), _always("#")(tokens)])
+
+    prompts = [e.prompt for e in primitives.generate("math", 10, seed=0)]
+    answers = [e.answer for e in primitives.generate("math", 10, seed=0)]
+    hits = primitives.teacher_forced_exact_match(two_models, prompts, answers, max_len=12,
+                                                 batch_size=4)
+    assert hits.shape == (2, 10) and hits[0].all() and not hits[1].any()
+    assert traces == [(4, 12)]
+
+
+def test_teacher_forcing_never_cuts_a_prompt():
+    with pytest.raises(ValueError, match=r"`prompts\[0\]`.*`max_len`=8"):
+        primitives.teacher_forced_batch(["0123456"], ["78"], max_len=8)
+    with pytest.raises(ValueError, match="differ in length"):
+        primitives.teacher_forced_batch(["a"], [], max_len=8)
+    with pytest.raises(ValueError, match="`logits_fn`"):
+        primitives.teacher_forced_exact_match(lambda t: jnp.zeros((1, 256)), ["a"], ["b"],
+                                              max_len=4)
 
 
 def test_finetune_batch_masks_only_the_answer():
