@@ -5,7 +5,7 @@ sum and their gradients) as small batched matmuls at about a third of its 2-D ma
 on the `cpu` preset that is 37% of a training step (`experiments/bench_train.py` measures
 it). [`cpu_causal_attention`][] is the same function as
 [`stackops.models.causal_attention`][] computed by a C++ kernel
-(`harness/kernels/causal_attention.cc`) called through the XLA FFI: one work item per
+(`stackops_harness/kernels/causal_attention.cc`) called through the XLA FFI: one work item per
 (batch row, head) on XLA's own thread pool, only the causal triangle of score tiles, the
 softmax fused between the products, and a backward pass that recomputes probabilities from
 the saved log-sum-exp.

@@ -36,11 +36,11 @@ def _both(q, k, v, w, rotary):
     return (dpa(q, k, v), *_grads(dpa, q, k, v, w)), (ref(q, k, v), *_grads(ref, q, k, v, w))
 
 
-@given(
-    b=st.integers(1, 3),
-    t=st.integers(1, 24),
-    h=st.integers(1, 3),
-    dh=st.sampled_from([2, 8, 16]),
+@given(  # few distinct shapes, so compilations are reused across examples
+    b=st.integers(1, 2),
+    t=st.sampled_from([1, 7, 16, 23]),
+    h=st.integers(1, 2),
+    dh=st.sampled_from([2, 16]),
     rotary=st.booleans(),
     seed=st.integers(0, 2**16),
 )
