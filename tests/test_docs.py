@@ -24,7 +24,7 @@ def _doc_pages():
 def test_docs_page_examples_run(page):
     if "stackops_harness" in page.read_text():
         # Pages about the harness need the experiments extra (CI installs it).
-        pytest.importorskip("grain", reason="the page uses the harness: needs the experiments extra")
+        pytest.importorskip("grain", reason="the page uses the harness (experiments extra)")
     namespace: dict = {"__name__": "__docs__"}
     for block in FENCE.findall(page.read_text()):
         exec(compile(textwrap.dedent(block), str(page), "exec"), namespace)
