@@ -505,8 +505,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The `stackops-bench-growth` console script (and `python experiments/bench_growth.py`): run `main` on the
-    command line's arguments and return the exit status."""
+    """The `stackops-bench-growth` console script (and `python experiments/bench_growth.py`):
+    run `main` on the command line's arguments and return the exit status."""
     return main()
 
 
