@@ -95,9 +95,13 @@ def _find_by_placeholder(optimizer: Any, opt_state: Any) -> tuple[list[bool], An
     try:
         subtrees = ph_def.flatten_up_to(opt_state)
     except (ValueError, TypeError) as e:
+        short = lambda t: (lambda r: r if len(r) < 160 else r[:157] + "...")(str(t))
         raise ValueError(
-            "grow_opt_state: `opt_state` does not have the structure that `optimizer.init` "
-            f"makes ({e}). Pass the optimizer that made the state, or `params=`."
+            "grow_opt_state: could not map `opt_state`: it does not have the structure that "
+            f"`optimizer.init` makes on a placeholder (expected {short(ph_def)}, got "
+            f"{short(jax.tree.structure(opt_state))}). Pass `params=` (the parameters before "
+            "growth) so the state is searched for subtrees shaped like them, and the optimizer "
+            "that made the state."
         ) from e
     return [is_ph(p) for p in ph_leaves], ph_def, subtrees
 
@@ -223,16 +227,26 @@ def grow_opt_state(
         plan = make_plan(op, view_of(get_layers(form, where), axis=axis))
         marks, treedef, subtrees = _find_by_params(opt_state, form)
         if not any(marks):
-            marks, treedef, subtrees = _find_by_placeholder(optimizer, opt_state)
+            try:
+                marks, treedef, subtrees = _find_by_placeholder(optimizer, opt_state)
+            except ValueError:
+                marks = []
         target, fresh_state = _targets(init_opt, form, plan, where, axis, new_optimizer)
     else:
         marks, treedef, subtrees = _find_by_placeholder(optimizer, opt_state)
     if not any(marks):
+        kinds = sorted({type(x).__name__ for x in jax.tree.leaves(opt_state)})
+        hint = (
+            "Pass `params=` (the parameters before growth) so the state can be searched for "
+            "subtrees shaped like them."
+            if params is None
+            else "No subtree of the state is shaped like `params` (with the same containers)."
+        )
         raise ValueError(
-            "grow_opt_state: found nothing parameter-shaped in the optimizer state (state types: "
-            f"{sorted({type(x).__name__ for x in jax.tree.leaves(opt_state)})}). Pass `params=` "
-            "(the parameters before growth) so the state can be searched for subtrees shaped "
-            "like them; a state with no per-parameter statistics needs no growth."
+            f"grow_opt_state: found nothing parameter-shaped in the optimizer state (leaf types "
+            f"{kinds}). {hint} A state whose per-parameter statistics take another form (a "
+            "custom transformation) cannot be mapped: re-initialise it with "
+            "`optimizer.init(grown_params)`."
         )
     targets = _flatten_like(treedef, target, len(subtrees))
     out = []

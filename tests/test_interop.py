@@ -306,3 +306,15 @@ def test_stack_and_unstack_with_a_layer_axis_round_trip():
         so.grow({"w": jnp.zeros((2, 4))}, so.loop_tie(1), where=lambda p: p)
     with pytest.raises(ValueError, match="drop `axis=`"):
         so.grow([jnp.zeros(2)] * 2, so.last_stack(1), where=lambda p: p, axis=1)
+
+
+@_need("flax")
+def test_a_grown_nnx_list_shares_no_module_or_variable_with_the_input():
+    from flax import nnx
+
+    blocks = nnx_list(2).model.blocks
+    grown = so.grow(blocks, so.middle_stack(block=1), where=lambda b: b)
+    assert isinstance(grown, nnx.List) and len(grown) == 3
+    kinds = (nnx.Module, nnx.Variable)
+    ids = lambda t: {id(n) for _, n in nnx.iter_graph(t) if isinstance(n, kinds)}
+    assert not (ids(blocks) & ids(grown))

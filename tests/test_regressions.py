@@ -278,3 +278,28 @@ def test_muon_updates_agree_between_list_and_stack_layouts():
 
 def test_resmlp_helper_is_used():  # keeps the import of ResMLP meaningful for other tests
     assert ResMLP(4, 6, key=jax.random.key(0)).w1.shape == (4, 6)
+
+
+def _opaque_optimizer():
+    """A custom transformation whose state optax cannot see into (a flat list of arrays)."""
+
+    def init(params):
+        return [jnp.zeros_like(x) for x in jax.tree.leaves(params)]
+
+    def update(updates, state, params=None):
+        return updates, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_an_unmappable_state_gets_an_error_saying_what_to_pass():
+    _, sm = make_models(2)
+    opt = _opaque_optimizer()
+    state = opt.init(params_of(sm))
+    with pytest.raises(ValueError, match="could not map `opt_state`.*Pass `params=`"):
+        so.grow_opt_state(opt, state, so.middle_stack(1), where=lambda m: m.blocks)
+    with pytest.raises(ValueError, match="found nothing parameter-shaped"):
+        so.grow_opt_state(opt, state, so.middle_stack(1), where=lambda m: m.blocks, params=sm)
+    failing = optax.GradientTransformation(lambda p: p.nope, lambda u, s, p=None: (u, s))
+    with pytest.raises(ValueError, match="Pass `params=`"):
+        so.grow_opt_state(failing, state, so.middle_stack(1), where=lambda m: m.blocks)
