@@ -193,11 +193,14 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory} was opened read-only; it cannot save.")
         self.check()
         full = dict(manifest)
-        full["checksums"] = {
-            "format": CHECKSUM_FORMAT,
-            "params": tree_checksums(params),
-            "opt_state": tree_checksums(opt_state),
-        }
+        # One reduction program for both trees (one compilation per stage, not two).
+        sums = tree_checksums({"params": params, "opt_state": opt_state})
+        full["checksums"] = {"format": CHECKSUM_FORMAT}
+        for item in ("params", "opt_state"):
+            prefix = f"{item}."
+            full["checksums"][item] = {
+                k[len(prefix) :]: v for k, v in sums.items() if k.startswith(prefix)
+            }
         full["data_state"] = _jsonable_state(data_iter.get_state())
         full["manifest_sha256"] = _manifest_hash(full)
         args = ocp.args.Composite(
@@ -314,8 +317,7 @@ class Checkpointer:
                 f"{INTACT_FIX}"
             )
         names = ["params"] + (["opt_state"] if opt_state else [])
-        for item in names:
-            _verify_checksums(out[item], checksums.get(item), f"{item}", where)
+        _verify_checksums({k: out[k] for k in names}, checksums, where)
         if data_iter is not None:
             state = _jsonable_state(data_iter.get_state())
             if state != manifest.get("data_state"):
@@ -475,18 +477,21 @@ def tree_checksums(tree: Any) -> dict[str, str]:
     return out
 
 
-def _verify_checksums(tree: Any, recorded: Any, item: str, where: Path) -> None:
-    if not isinstance(recorded, dict):
-        raise CheckpointCorruptError(
-            f"The manifest of {where} has no checksums for {item!r}. {INTACT_FIX}"
-        )
-    now = tree_checksums(tree)
-    bad = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+def _verify_checksums(trees: dict[str, Any], recorded: Mapping[str, Any], where: Path) -> None:
+    now = tree_checksums(trees)
+    saved: dict[str, Any] = {}
+    for item in trees:
+        if not isinstance(recorded.get(item), dict):
+            raise CheckpointCorruptError(
+                f"The manifest of {where} has no checksums for {item!r}. {INTACT_FIX}"
+            )
+        saved.update({f"{item}.{k}": v for k, v in recorded[item].items()})
+    bad = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
     if bad:
         raise CheckpointCorruptError(
-            f"The checkpoint {where} is corrupt: the {item!r} array(s) {', '.join(bad[:4])}"
+            f"The checkpoint {where} is corrupt: the array(s) {', '.join(bad[:4])}"
             f"{' ...' if len(bad) > 4 else ''} do not match the checksums recorded when it was "
-            f"saved (e.g. {bad[0]}: saved {recorded.get(bad[0])}, read {now.get(bad[0])}). "
+            f"saved (e.g. {bad[0]}: saved {saved.get(bad[0])}, read {now.get(bad[0])}). "
             f"{INTACT_FIX}"
         )
 

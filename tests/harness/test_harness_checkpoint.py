@@ -341,6 +341,9 @@ def test_a_corrupt_checkpoint_is_refused_and_resume_from_intact_falls_back(tmp_p
     for a, b in zip(params_of(final.model), ref_params):
         np.testing.assert_array_equal(a, b)
     assert train_losses(run_dir / "metrics.jsonl") == train_losses(result.metrics_path)
+    # metrics.jsonl was cut back to step 30: steps 31..40 are there once, not twice.
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", "train")]
+    assert steps == list(range(1, 41))
 
 
 def test_unreadable_checkpoints_name_the_step_directory(tmp_path):
