@@ -1,4 +1,4 @@
-"""The prepared accelerator run: many seeds of baseline, GradStack and MIDAS, and the gpu preset's MFU.
+"""The prepared accelerator run: many seeds of baseline, GradStack and MIDAS; the gpu preset's MFU.
 
     python experiments/gpu_run.py --out results/gpu-run          # one H200, ~8 minutes
     python experiments/gpu_run.py --tiny --out /tmp/gpu-run      # the same on CPU, tiny sizes
