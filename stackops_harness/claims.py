@@ -177,7 +177,8 @@ def _claims(runs, methods, comparisons, per_seed, target, ideal, has_recall) -> 
     else:
         c = comparisons["midas - gradstack"]["val_loss"]
         r = S.paired(per_seed("midas", "val_loss"), per_seed("gradstack", "val_loss"))
-        out["1"] = {"verdict": S.verdict(r, claim="a < b"), "test": "val loss, midas - gradstack < 0",
+        out["1"] = {"verdict": S.verdict(r, claim="a < b"),
+                    "test": "val loss, midas - gradstack < 0",
                     "evidence": r.summary(4), "numbers": c}
     # 2. MIDAS matches the baseline with less compute.
     why = missing("midas", "baseline")

@@ -428,7 +428,8 @@ def shots_that_fit(task: str, context: int, *, cap: int = MAX_SHOTS) -> int:
     """The number of complete shots, up to `cap`, that fit with any query and its answer.
 
     Computed from the task's longest line (`prompt + answer + "\\n"`), so that every k-shot
-    prompt of the task, answer included, fits in `context` tokens without cutting.
+    prompt of the task, answer included, fits in `context` tokens without cutting. A
+    context too short for even the query is an error.
 
     !!! Example
 
@@ -438,7 +439,12 @@ def shots_that_fit(task: str, context: int, *, cap: int = MAX_SHOTS) -> int:
     _check_task(task)
     context = _check_count("context", context, minimum=1)
     line = max_line_length(task)
-    return max(0, min(cap, (context - (line - 1)) // line))
+    if line - 1 > context:
+        raise ValueError(
+            f"`context`={context} cannot hold one {task!r} query and its answer "
+            f"({line - 1} tokens); use a longer context or leave the task out."
+        )
+    return min(cap, (context - (line - 1)) // line)
 
 
 def max_line_length(task: str) -> int:

@@ -261,8 +261,9 @@ def finetune_accuracy(
     """Fine-tune a copy of `model` on `ft_examples` examples per task, then score 0-shot.
 
     Each task is fine-tuned separately, `ft_runs` times with different pool draws and batch
-    orders; the loss covers only the answer tokens. Returns, per task, the mean, the sample
-    standard deviation (ddof=1; 0 for one run) and the per-run accuracies. The input model is not changed.
+    orders; the loss covers only the answer tokens; scored by teacher-forced exact match,
+    0-shot. Returns, per task, the mean, the sample standard deviation (ddof=1; 0 for one
+    run) and the per-run accuracies. The input model is not changed.
 
     !!! Example
 

@@ -81,12 +81,17 @@ def _finish(fig: Any, path: str | Path, *, title: str = "", dpi: int = 110) -> P
 
 
 def plot_loss_curves(
-    curves: Mapping[str, Sequence[dict[str, np.ndarray]]], path: str | Path, *, title: str = ""
+    curves: Mapping[str, Sequence[dict[str, np.ndarray]]],
+    path: str | Path,
+    *,
+    title: str = "",
+    time_curves: Mapping[str, Sequence[dict[str, np.ndarray]]] | None = None,
 ) -> Path:
     """Validation loss against FLOPs and against training wall time, one line per method.
 
     `curves[method]` is a list of `eval_curve` results, one per seed: the mean is drawn, with
-    the min-max band when there are several seeds.
+    the min-max band when there are several seeds. `time_curves`, if given, replaces
+    `curves` in the wall-time panel (e.g. to leave out a seed whose timing was disturbed).
     """
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -98,8 +103,10 @@ def plot_loss_curves(
          max(r["val_loss"][-1] for r in runs_with_evals) + 1.0)
         if runs_with_evals else None
     )
-    for ax, x_key, label in ((axes[0], "flops", "training FLOPs"), (axes[1], "seconds", "training wall time (s)")):
-        for method, runs in curves.items():
+    panels = ((axes[0], "flops", "training FLOPs", curves),
+              (axes[1], "seconds", "training wall time (s)", time_curves or curves))
+    for ax, x_key, label, panel in panels:
+        for method, runs in panel.items():
             if not runs:
                 continue
             n = min(len(r["val_loss"]) for r in runs)

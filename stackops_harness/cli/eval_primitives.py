@@ -3,7 +3,8 @@
     python experiments/eval_primitives.py runs/midas-default/midas-seed0
     python experiments/eval_primitives.py RUN_DIR --step 900 --tasks math,varassign_d0 --no-finetune
 
-Prints a table and writes `primitives-stepN.json` into the run directory.
+Teacher-forced exact match (and a greedy check) with complete shots, next to each task's
+floor. Prints a table and writes `primitives-stepN.json` into the run directory.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
-    p.add_argument("--n-eval", type=int, default=100)
-    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--shots", type=int, default=None,
+                   help="shots per prompt (default: per task, the most that fit, up to 5)")
     p.add_argument("--ft-steps", type=int, default=40)
     p.add_argument("--ft-runs", type=int, default=3)
     p.add_argument("--no-finetune", action="store_true")
@@ -35,20 +37,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, config, manifest = load_checkpoint(args.run_dir, args.step)
     tasks = tuple(args.tasks.split(",")) if args.tasks else P.TASKS
-    cfg = R.PrimitiveEvalConfig(
-        tasks=tasks, n_eval=args.n_eval, shots=args.shots, max_len=config.seq_len,
-        ft_steps=args.ft_steps, ft_runs=args.ft_runs,
-    )
-    few = R.few_shot_accuracy(model, cfg, seed=args.seed)
+    try:
+        cfg = R.PrimitiveEvalConfig(
+            tasks=tasks, n_eval=args.n_eval, shots=args.shots, max_len=config.seq_len,
+            ft_steps=args.ft_steps, ft_runs=args.ft_runs,
+        )
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    suite = R.PrimitiveSuite(cfg)
+    tf = suite.accuracy(model)
+    greedy = suite.greedy(model)
     ft = {} if args.no_finetune else R.finetune_accuracy(model, cfg, seed=args.seed)
     rows = []
     for t in tasks:
         ft_cell = f"{ft[t]['mean']:.3f} ± {ft[t]['std']:.3f}" if t in ft else "–"
-        rows.append([t, f"{few[t]:.3f}", ft_cell, f"{P.chance_accuracy(t):.3f}"])
-    print(f"{args.run_dir} step {manifest['step']} (depth {model.depth}, method {config.method})")
-    print(markdown_table(["task", f"{args.shots}-shot", f"FT-{cfg.ft_examples}", "chance"], rows))
-    out = {"step": manifest["step"], "fewshot": few, "finetune": ft, "config": vars(args) | {"run_dir": str(args.run_dir)}}
-    (args.run_dir / f"primitives-step{manifest['step']}.json").write_text(json.dumps(out, indent=2, default=str))
+        rows.append([t, suite.shots[t], f"{tf[t]:.3f}", f"{greedy[t]:.3f}", ft_cell,
+                     f"{suite.floors[t]['floor']:.3f}"])
+    print(f"{args.run_dir} step {manifest['step']} (depth {model.depth}, "
+          f"method {config.method})")
+    print(markdown_table(["task", "shots", "teacher-forced", f"greedy ({cfg.greedy_n})",
+                          f"FT-{cfg.ft_examples}", "floor"], rows))
+    out = {"step": manifest["step"], "teacher_forced": tf, "greedy": greedy, "finetune": ft,
+           "floors": suite.floors, "shots": suite.shots,
+           "config": vars(args) | {"run_dir": str(args.run_dir)}}
+    path = args.run_dir / f"primitives-step{manifest['step']}.json"
+    path.write_text(json.dumps(out, indent=2, default=str))
     return out
 
 

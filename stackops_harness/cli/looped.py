@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stackops_harness import require_extras
+from stackops_harness.cli.midas import EVAL_TASKS
 from stackops_harness.corpus import MIX, corpus_dir
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -35,14 +36,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         train=dict(d_model=32, n_heads=2, seq_len=64, global_batch=8, total_steps=40,
                    warmup_steps=4, eval_every=20, eval_batches=2, ckpt_every=0, log_every=10,
                    keep_checkpoints=1),
-        prim=dict(n_eval=16, ft_steps=4, ft_runs=2, ft_batch=8),
+        prim=dict(tasks=EVAL_TASKS, n_eval=16, ft_steps=4, ft_runs=2, ft_batch=8),
         corpus=dict(MIX, max_mb=2.0),
     ),
     "default": dict(
         train=dict(d_model=64, n_heads=4, seq_len=128, global_batch=16, total_steps=1000,
                    warmup_steps=50, eval_every=250, eval_batches=8, ckpt_every=0,
                    log_every=25, keep_checkpoints=1),
-        prim=dict(n_eval=100, ft_steps=40, ft_runs=3, ft_batch=16),
+        prim=dict(tasks=EVAL_TASKS, n_eval=500, ft_steps=40, ft_runs=3, ft_batch=16),
         corpus=dict(MIX, max_mb=20.0),
     ),
 }
@@ -88,13 +89,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     k, L = args.k, args.loops
     common = dict(preset["train"], data_dir=str(data_dir), progress=not args.no_progress)
     prim_cfg = R.PrimitiveEvalConfig(max_len=common["seq_len"], **preset["prim"])
+    suite = R.PrimitiveSuite(prim_cfg)
 
     runs = {
         f"looped ({k}⊗{L})": (
             C.TrainConfig(**dict(common, method="custom", depth=k * L, stages=L, alpha=30.0)),
             so.loop_tie(block=k),
         ),
-        f"iso-param ({k} layers)": (C.TrainConfig(**dict(common, method="baseline", depth=k, stages=1)), None),
+        f"iso-param ({k} layers)": (
+            C.TrainConfig(**dict(common, method="baseline", depth=k, stages=1)), None),
         f"iso-FLOP ({k * L} layers)": (
             C.TrainConfig(**dict(common, method="baseline", depth=k * L, stages=1)), None),
     }
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_dir = out / ["looped", "iso-param", "iso-flop"][i]
         print(f"\n=== {name} -> {run_dir}")
         res = train(cfg, run_dir, op=op)
-        few = R.few_shot_accuracy(res.model, prim_cfg)
+        few = suite.accuracy(res.model)
         ft = {} if args.no_finetune else R.finetune_accuracy(res.model, prim_cfg)
         recs = read_metrics(res.metrics_path)
         last = [r for r in recs if r.get("kind") == "eval"][-1]
@@ -119,19 +122,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary[name] = {"val_loss": last["val_loss"], "flops": last["flops"],
                          "block_params": int(n_params), "positions": len(blocks),
                          "stored_layers": blocks.num_layers, "fewshot": few, "finetune": ft}
-        rows.append([name, len(blocks), blocks.num_layers, f"{n_params:,}", f"{last['val_loss']:.3f}",
-                     f"{last['flops']:.3g}", f"{np.mean(list(few.values())):.3f}",
+        rows.append([name, len(blocks), blocks.num_layers, f"{n_params:,}",
+                     f"{last['val_loss']:.3f}", f"{last['flops']:.3g}",
+                     f"{np.mean(list(few.values())):.3f}",
                      f"{np.mean([v['mean'] for v in ft.values()]):.3f}" if ft else "–"]
-                    + [f"{few[t]:.2f} / " + (f"{ft[t]['mean']:.2f}" if ft else "–") for t in prim_cfg.tasks])
+                    + [f"{few[t]:.2f} / " + (f"{ft[t]['mean']:.2f}" if ft else "–")
+                       for t in prim_cfg.tasks])
     header = ["model", "positions", "stored layers", "block params", "val loss", "FLOPs",
               "avg k-shot", "avg FT-64"] + [f"{t} (k-shot / FT)" for t in prim_cfg.tasks]
     table = Rep.markdown_table(header, rows)
     Rep.plot_similarity(sims, out / "layer_similarity.png")
-    guess = {t: R.informed_guess_accuracy(t, prim_cfg.n_eval) for t in prim_cfg.tasks}
     (out / "report.md").write_text("\n".join([
         f"# Looped ({k}⊗{L}) vs untied baselines ({args.preset} preset)", "", table, "",
-        "Informed-guess floor (format known, computation not): "
-        + ", ".join(f"{t} {g:.3f}" for t, g in guess.items()) + ".", "",
+        "Teacher-forced exact match with complete shots ("
+        + ", ".join(f"{t} {n}-shot" for t, n in suite.shots.items()) + "). Floors (the "
+        "highest of uniform chance, informed guess and structural shortcut): "
+        + ", ".join(f"{t} {f['floor']:.3f}" for t, f in suite.floors.items()) + ". One seed "
+        "per model: differences are not established without more.", "",
         "![layer similarity](layer_similarity.png)", ""]))
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     print("\n" + table)

@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/midas-PRESET)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default runs/midas-PRESET)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names")
     p.add_argument("--seeds", type=int, default=1, help="repeat every method with seeds 0..N-1")
     p.add_argument("--seed-list", default=None, metavar="S,S,...",

@@ -53,6 +53,25 @@ def test_informed_guess_is_above_uniform_chance_where_candidates_are_visible():
         assert informed_guess_accuracy(task, n_eval=50) > chance_accuracy(task)
 
 
+def test_suite_scores_a_model_like_per_example_teacher_forcing(tiny_model):
+    from stackops_harness import primitives as P
+    from stackops_harness.reasoning import PrimitiveEvalConfig, PrimitiveSuite, _logits
+
+    cfg = PrimitiveEvalConfig(tasks=("math", "recall", "varassign_d1"), n_eval=12, max_len=64)
+    suite = PrimitiveSuite(cfg)
+    assert suite.shots == {t: P.shots_that_fit(t, 64) for t in cfg.tasks}
+    hits = suite.hits(tiny_model)
+    for t in cfg.tasks:  # the bucketed, batched scoring equals scoring each task alone
+        alone = P.teacher_forced_exact_match(
+            lambda x: _logits(tiny_model, x), suite.prompts[t],
+            [e.answer for e in suite.examples[t]], max_len=64, batch_size=5)
+        assert hits[t].tolist() == alone.tolist()
+    with pytest.raises(ValueError, match="shots of 'varassign_d2' do not fit"):
+        PrimitiveEvalConfig(tasks=("varassign_d2",), shots=5, max_len=128)
+    with pytest.raises(ValueError, match="cannot hold one"):
+        PrimitiveEvalConfig(tasks=("varassign_d2",), max_len=32)
+
+
 def test_mixed_corpus_has_the_requested_synthetic_share_and_real_validation(tmp_path):
     from stackops_harness import data
     from stackops_harness.corpus import build_mixed_corpus
@@ -134,6 +153,42 @@ def test_midas_smoke_run_writes_report_plots_and_results(tmp_path):
     assert res["methods"]["midas"]["flops_speedup"] > 1.1
     report = (tmp_path / "report.md").read_text()
     assert "| midas |" in report and "ideal" in report.lower()
+    assert "## Verdicts" in report and "*floor*" in report and "95% CI" in report
+    assert set(res["claims"]) == {"1", "2", "3", "4"}
+    assert all(c["verdict"] in ("supported", "contradicted", "not established")
+               for c in res["claims"].values())
+    assert res["shots"]["math"] == 5 and res["floors"]["varassign_d1"]["shortcut"] is not None
+    # Reusing finished runs: a second call trains nothing and rebuilds the same verdicts.
+    again = midas.main(
+        ["--preset", "smoke", "--no-progress", "--out", str(tmp_path)]
+    )
+    assert {k: c["verdict"] for k, c in again["claims"].items()} == {
+        k: c["verdict"] for k, c in summary["claims"].items()}
+    assert again["methods"]["midas"]["val_loss"] == summary["methods"]["midas"]["val_loss"]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--methods", "midsa"], "unknown method 'midsa'"),
+        (["--methods", "midas,midas"], "twice"),
+        (["--methods", ""], "empty"),
+        (["--ablation", "opt_polcy=zero"], "Unknown config field 'opt_polcy'"),
+        (["--set", "depth=7"], "does not divide"),
+        (["--seeds", "2", "--seed-list", "5"], "--seed-list"),
+        (["--task-weights", "algebra=1"], "unknown tasks"),
+        (["--tf-evals", "0"], "--tf-evals"),
+    ],
+)
+def test_midas_rejects_bad_arguments_before_any_work(tmp_path, capsys, argv, match):
+    from stackops_harness.cli import midas
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        midas.main(["--preset", "smoke", "--out", str(out), *argv])
+    message = str(e.value)
+    assert match in message and "\n" not in message and "Traceback" not in message
+    assert not out.exists()  # nothing built, nothing trained
 
 
 def test_bench_train_step_section_runs_on_a_tiny_model(capsys):
@@ -151,3 +206,35 @@ def test_bench_train_step_section_runs_on_a_tiny_model(capsys):
     assert np.isfinite(steps["attention_core_ms"])
     printed = capsys.readouterr().out
     assert "Attention core" in printed and "Train-step throughput" in printed
+
+
+GRAIN_BLOCKED = (
+    "import sys\n"
+    "for name in ('grain', 'orbax', 'orbax.checkpoint'):\n"
+    "    sys.modules[name] = None  # any import of them now fails\n"
+    "from stackops_harness.cli import gpu_run\n"
+    "gpu_run.main(sys.argv[1:])\n"
+    "assert sys.modules['grain'] is None\n"
+)
+
+
+def test_gpu_run_works_at_tiny_size_without_grain_or_orbax(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", GRAIN_BLOCKED, "--tiny", "--out", str(out),
+         "--methods", "baseline,midas", "--steps", "20", "--n-eval", "8"],
+        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"baseline", "midas"}
+    assert len(res["methods"]["midas"]["val_loss"]) == 2  # two vmapped seeds
+    assert res["methods"]["midas"]["flops_speedup"] > 1.0
+    assert res["mfu"]["step_seconds"] > 0 and res["mfu"]["peak_tflops"] == 989.0
+    for name in ("report.md", "mfu.json", "timings.json", "history.json"):
+        assert (out / name).stat().st_size > 0
+    assert "## Verdicts" in (out / "report.md").read_text()
