@@ -23,8 +23,6 @@ def main(argv: list[str] | None = None) -> dict:
 
         `python experiments/build_tokens.py --out data/stdlib --max-mb 20`
     """
-    from stackops_harness import data  # needs the experiments extra (grain)
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument(
@@ -70,6 +68,8 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _build(args: argparse.Namespace) -> dict:
+    from stackops_harness import data  # needs the experiments extra (grain)
+
     _check_flags(args)
     start = time.perf_counter()
     if args.src:
