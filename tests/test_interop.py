@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from interop_models import (
     axis_dict,
     haliax_stacked,
@@ -22,6 +24,7 @@ from interop_models import (
     penzai_layer_stack,
     penzai_sequential,
 )
+from strategies import depth_and_op
 
 import stackops as so
 
@@ -318,3 +321,43 @@ def test_a_grown_nnx_list_shares_no_module_or_variable_with_the_input():
     kinds = (nnx.Module, nnx.Variable)
     ids = lambda t: {id(n) for _, n in nnx.iter_graph(t) if isinstance(n, kinds)}
     assert not (ids(blocks) & ids(grown))
+
+
+@given(depth_and_op(), st.sampled_from([0, 1, 2]))
+def test_any_layer_axis_grows_like_axis_0(depth_op, axis):
+    depth, op = depth_op
+    c0 = axis_dict(depth, 0)
+    g0 = so.grow(c0.model, op, where=c0.where)
+    layers = jax.tree.map(lambda a: jnp.moveaxis(a, 0, axis) if a.ndim > axis else a,
+                          c0.where(c0.model))
+    if any(a.ndim <= axis for a in jax.tree.leaves(c0.where(c0.model))):
+        with pytest.raises(ValueError, match="axis"):
+            so.grow(layers, op, where=lambda t: t, axis=axis)
+        return
+    g = so.grow(layers, op, where=lambda t: t, axis=axis)
+    moved = jax.tree.map(lambda a: jnp.moveaxis(a, axis, 0), g)
+    jax.tree.map(np.testing.assert_array_equal, moved, c0.where(g0))
+    old = c0.positions(c0.model)
+    plan = op.plan(depth)
+    for q, new in enumerate(c0.positions(g0)):
+        want, exact = _expected(plan, old, q)
+        for a, b in zip(new, want):
+            (np.testing.assert_array_equal if exact else np.testing.assert_allclose)(a, b)
+
+
+@pytest.mark.parametrize("policy", ["zero", "init"])
+def test_axis_1_opt_state_policies(policy):
+    case = axis_dict(3, 1)
+    opt = optax.adam(1e-3)
+    params = case.model
+    state = opt.init(params)
+    _, state = opt.update(jax.tree.map(jnp.ones_like, params), state, params)
+    op = so.middle_stack(block=1)  # inserts a copy of layer 1 at position 2
+    new = so.grow_opt_state(opt, state, op, where=case.where, axis=1, params=params,
+                            policy=policy)
+    mu_old = case.where(state[0].mu)["mlp"]["wi"]
+    mu_new = case.where(new[0].mu)["mlp"]["wi"]
+    assert mu_new.shape == (4, 4, 6)
+    np.testing.assert_array_equal(mu_new[:, 2], 0)  # zero, and adam's init is zero too
+    np.testing.assert_array_equal(mu_new[:, 3], mu_old[:, 2])
+    assert float(jnp.abs(mu_old[:, 1]).sum()) > 0
