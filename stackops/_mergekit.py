@@ -123,13 +123,27 @@ def from_mergekit(config: Mapping[str, Any] | str | os.PathLike) -> layer_map:
     return layer_map(src, name=f"mergekit({len(slices)} slices)")
 
 
+_IDENTITY_SCALE = {
+    "scale": [
+        {"filter": "o_proj", "value": 0.0},
+        {"filter": "down_proj", "value": 0.0},
+        {"value": 1.0},
+    ]
+}
+
+
 def to_mergekit(
-    op: AbstractGrowth | Plan, depth: int | None = None, *, model: str, dtype: str | None = None
+    op: AbstractGrowth | Plan,
+    depth: int | None = None,
+    *,
+    model: str,
+    dtype: str | None = None,
+    preserve: bool = False,
 ) -> dict[str, Any]:
     """The mergekit passthrough config of a copying operator, as a dict (dump it as YAML).
 
-    Runs of consecutive source layers become slices. Mixes (`interpolate`) and function
-    preservation have no passthrough form and are refused; ties are written as copies.
+    Runs of consecutive source layers become slices. Mixes (`interpolate`) have no
+    passthrough form and are refused; ties are written as copies.
 
     **Arguments:**
 
@@ -137,6 +151,11 @@ def to_mergekit(
     - `depth`: the model's number of layers.
     - `model`: the model path or name written into each slice.
     - `dtype`: an optional `dtype:` entry (e.g. `"bfloat16"`).
+    - `preserve`: give the slices of inserted layers mergekit's
+      `parameters: {scale: ...}` that zeroes `o_proj` and `down_proj`, the identity blocks
+      of `grow(..., preserve=True)` (mergekit multiplies by 0.0, so a negative weight
+      becomes -0.0: equal in value, not in bytes). [`stackops.from_mergekit`][] does not
+      read such parameters back.
 
     **Returns:** `{"merge_method": "passthrough", "slices": [...]}` (plus `dtype`).
 
@@ -161,6 +180,7 @@ def to_mergekit(
     if not isinstance(model, str) or not model:
         raise TypeError("to_mergekit: `model` must be the model's path or name (a string).")
     sources: list[int] = []
+    inserted = set(plan.inserted) if preserve else set()
     for q, i in enumerate(plan.order):
         spec = plan.layers[i]
         if isinstance(spec, Mix) and not spec.is_copy:
@@ -172,9 +192,16 @@ def to_mergekit(
     slices = []
     start = 0
     for q in range(1, len(sources) + 1):
-        if q == len(sources) or sources[q] != sources[q - 1] + 1:
+        if (
+            q == len(sources)
+            or sources[q] != sources[q - 1] + 1
+            or (q in inserted) != (q - 1 in inserted)
+        ):
             rng = [sources[start], sources[q - 1] + 1]
-            slices.append({"sources": [{"model": model, "layer_range": rng}]})
+            src: dict[str, Any] = {"model": model, "layer_range": rng}
+            if start in inserted:
+                src["parameters"] = {k: [dict(e) for e in v] for k, v in _IDENTITY_SCALE.items()}
+            slices.append({"sources": [src]})
             start = q
     out: dict[str, Any] = {"slices": slices, "merge_method": "passthrough"}
     if dtype is not None:

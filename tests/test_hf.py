@@ -212,13 +212,13 @@ def test_llama_pro_expansion_written_by_to_hf_gives_the_original_logits_in_trans
         assert np.array_equal(a[k], b[k]), k
 
 
-def _mergekit(src, out, op, depth):
+def _mergekit(src, out, op, depth, preserve=False):
     yaml = pytest.importorskip("yaml")
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    cfg = so.to_mergekit(op, depth, model=str(src), dtype="float32")
+    cfg = so.to_mergekit(op, depth, model=str(src), dtype="float32", preserve=preserve)
     conf = MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(cfg)))
     run_merge(conf, str(out), MergeOptions(copy_tokenizer=False, quiet=True,
                                            write_model_card=False, clone_tensors=True))
@@ -240,6 +240,20 @@ def test_upscaling_equals_mergekit_passthrough_tensor_for_tensor(op, tmp_path):
     mk_cfg = json.loads((tmp_path / "mk" / "config.json").read_text())
     our_cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert mk_cfg["num_hidden_layers"] == our_cfg["num_hidden_layers"] == op.plan(4).depth_out
+
+
+def test_llama_pro_identity_blocks_equal_mergekit_with_zero_scaled_projections(tmp_path):
+    hf = _random_hf_model("llama", num_key_value_heads=2)
+    hf.save_pretrained(tmp_path / "src")
+    op = so.llama_pro(every=2)
+    _mergekit(tmp_path / "src", tmp_path / "mk", op, 4, preserve=True)
+    upscale_hf(tmp_path / "src", tmp_path / "ours", op, preserve=True)
+    theirs, ours = _tensors(tmp_path / "mk"), _tensors(tmp_path / "ours")
+    assert ours.keys() == theirs.keys()
+    for k in theirs:  # values equal (mergekit's 0.0 * w may be -0.0)
+        assert np.array_equal(ours[k], theirs[k]), k
+    assert not ours["model.layers.2.self_attn.o_proj.weight"].any()
+    assert ours["model.layers.2.self_attn.q_proj.weight"].any()
 
 
 def test_sharded_checkpoints_read_and_write(tmp_path):

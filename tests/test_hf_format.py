@@ -43,6 +43,15 @@ def test_to_hf_then_from_hf_is_the_identity(kw, dtype, tmp_path):
     assert _leaves_equal(back, model)
 
 
+def test_from_hf_casts_on_request(tmp_path):
+    model = _model(dtype=jnp.bfloat16)
+    to_hf(model, tmp_path)
+    back = from_hf(tmp_path, dtype=jnp.float32)
+    assert _leaves_equal(back, jax.tree.map(lambda x: x.astype(jnp.float32), model))
+    with pytest.raises(ValueError, match="floating"):
+        from_hf(tmp_path, dtype=jnp.int32)
+
+
 @pytest.mark.parametrize(
     "op",
     [so.solar(drop=1), so.llama_pro(every=2), so.interpolate(block=1, t=0.3, at="all"),

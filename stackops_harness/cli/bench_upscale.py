@@ -22,10 +22,11 @@ its peak memory is its own:
 Columns: `s` = wall time of the work inside the process (imports excluded, best of
 `--reps`); `x floor` = that over the floor's; `peak MB` = the process's peak resident memory
 (`VmHWM`); `above import MB` = that minus the peak of a process that only imports the
-same libraries; `x ckpt` = the peak above imports over the input checkpoint's size (the import-only
-process for stackops also starts JAX's CPU client, as `from_hf` does). The
-targets: stackops within 2x of the floor, faster than mergekit, peak memory below 1.5x the
-checkpoint. The outputs of stackops and mergekit are compared tensor by tensor.
+same libraries (for the `from_hf` rows, one that also starts JAX's CPU client, as `from_hf`
+does; `upscale_hf` never starts it); `x ckpt` = the peak above imports over the input
+checkpoint's size. The targets: stackops within 2x of the floor, faster than mergekit,
+peak memory below 1.5x the checkpoint. The outputs of stackops and mergekit are compared
+tensor by tensor.
 
 All files stay in the page cache (nothing is flushed to disk, for every method alike), so
 this measures memory bandwidth and per-tensor overhead, not a disk. On a shared machine
@@ -196,13 +197,14 @@ def _mergekit_config(src: Path, op_text: str) -> dict[str, Any]:
 
 def worker(kind: str, src: Path, dst: Path, op_text: str, out_bytes: int) -> float:
     """Run one method once (imports done first) and return its seconds."""
-    if kind in ("import-stackops", "import-mergekit"):
-        if kind == "import-stackops":
+    if kind in ("import-stackops", "import-jax", "import-mergekit"):
+        if kind in ("import-stackops", "import-jax"):
             import jax
 
             import stackops.models  # noqa: F401
 
-            jax.numpy.zeros(1).block_until_ready()  # the XLA client, as from_hf starts it
+            if kind == "import-jax":
+                jax.numpy.zeros(1).block_until_ready()  # the XLA client, as from_hf starts it
         else:
             import mergekit.merge  # noqa: F401
         return 0.0
@@ -326,7 +328,7 @@ def _bench(args: argparse.Namespace) -> int:
                     best["peak_mb"] = r["peak_mb"]
             del rep
         base = {k: _run_worker(f"import-{k}", src, scratch / "imp", op_text, 0)["peak_mb"]
-                for k in (["stackops"] + ([] if args.no_mergekit else ["mergekit"]))}
+                for k in (["stackops", "jax"] + ([] if args.no_mergekit else ["mergekit"]))}
         same = None if args.no_mergekit else _same_tensors(scratch / "stackops",
                                                             scratch / "mergekit")
         _report(results, base, in_bytes, same, args)
@@ -346,7 +348,9 @@ def _report(results: dict[str, dict[str, Any]], base: dict[str, float], in_bytes
           f"{'x ckpt':>8}")
     rows = []
     for kind, r in results.items():
-        b = base.get("mergekit" if kind == "mergekit" else "stackops", 0.0)
+        # upscale_hf never starts JAX's client; from_hf does (its baseline includes it).
+        b = base[{"mergekit": "mergekit", "stackops": "stackops"}.get(kind, "jax")] \
+            if kind not in ("floor", "cp") else 0.0
         above = r["peak_mb"] - b if kind not in ("floor", "cp") else float("nan")
         x_ckpt = above * 2**20 / in_bytes
         print(f"{names[kind]:<28}{r['seconds']:>8.2f}{r['seconds'] / floor:>9.2f}"

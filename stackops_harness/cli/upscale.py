@@ -12,7 +12,8 @@ config (`slices:` of `layer_range`s). The checkpoint is streamed tensor by tenso
 (`stackops.models.upscale_hf`): memory stays at about one tensor. Beside the weights, the
 output holds `config.json` with the new depth, the source's tokenizer files and
 `stackops_provenance.json` (which layers are new, built from which). `--write-mergekit FILE`
-also writes the equivalent mergekit config, so the same model can be rebuilt with mergekit.
+also writes the equivalent mergekit config, so the same model can be rebuilt with mergekit
+(with `--preserve`, its inserted slices scale `o_proj` and `down_proj` by 0).
 """
 
 from __future__ import annotations
@@ -135,10 +136,7 @@ def _depth(src: Path) -> int:
     return depth
 
 
-def _write_mergekit(path: Path, plan: Any, src: Path, dtype: str | None) -> None:
-    import stackops as so
-
-    cfg = so.to_mergekit(plan, model=str(src), dtype=dtype)
+def _write_mergekit(path: Path, cfg: dict[str, Any]) -> None:
     if path.suffix == ".json":
         path.write_text(json.dumps(cfg, indent=2) + "\n")
     else:
@@ -165,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"stackops-upscale: {e}", file=sys.stderr)
         return 2
-    if args.write_mergekit and args.preserve:
-        print("stackops-upscale: --write-mergekit cannot express --preserve (identity layers): "
-              "a passthrough config only copies layers.", file=sys.stderr)
-        return 2
+    mergekit_cfg = None
+    if args.write_mergekit:
+        try:  # before anything is written: an operator with mixes has no passthrough form
+            mergekit_cfg = so.to_mergekit(plan, model=str(src), dtype=args.dtype,
+                                          preserve=args.preserve)
+        except ValueError as e:
+            print(f"stackops-upscale: --write-mergekit: {e}", file=sys.stderr)
+            return 2
     print(plan)
     if args.dry_run:
         return 0
@@ -198,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    if args.write_mergekit:
-        _write_mergekit(Path(args.write_mergekit), plan, src, args.dtype)
+    if mergekit_cfg is not None:
+        _write_mergekit(Path(args.write_mergekit), mergekit_cfg)
     new = [q for q in range(plan.depth_out) if q in set(plan.inserted)]
     print(
         f"built {dst}: {depth} -> {plan.depth_out} layers ({len(new)} inserted: {new}), "

@@ -61,8 +61,9 @@ def test_upscale_reports_bad_input_without_writing(src, tmp_path, capsys):
     assert "not a local directory" in capsys.readouterr().err
     assert upscale.main([str(src), str(tmp_path / "o"), "--op", "solar(drop=9)"]) == 2
     assert "drop=9" in capsys.readouterr().err
-    assert upscale.main([str(src), str(tmp_path / "o"), "--op", "llama_pro(every=2)",
-                         "--preserve", "--write-mergekit", str(tmp_path / "m.yml")]) == 2
+    assert upscale.main([str(src), str(tmp_path / "o"), "--op", "interpolate(block=1)",
+                         "--write-mergekit", str(tmp_path / "m.yml")]) == 2
+    assert "mix" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert upscale.main([str(src), str(tmp_path / "o"), "--op", "gstack(2)", "--dry-run"]) == 0
     assert not (tmp_path / "o").exists()
