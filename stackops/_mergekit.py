@@ -123,7 +123,7 @@ def from_mergekit(config: Mapping[str, Any] | str | os.PathLike) -> layer_map:
     return layer_map(src, name=f"mergekit({len(slices)} slices)")
 
 
-_IDENTITY_SCALE = {
+_IDENTITY_SCALE: dict[str, list[dict[str, Any]]] = {
     "scale": [
         {"filter": "o_proj", "value": 0.0},
         {"filter": "down_proj", "value": 0.0},
