@@ -262,7 +262,9 @@ def mixed_corpus_tokens(
         "synthetic_fraction_actual": syn_tokens / max(1, int(train_ids.size)),
         "copy_tokens": int(sum(len(d) for d in copy_docs)),
         "task_tokens": task_tokens,
-        "math_kind_shares": math_shares,
+        # JSON keys are strings: the same dict whether built now or read from meta.json.
+        "math_kind_shares": None if math_shares is None else {
+            str(k): v for k, v in math_shares.items()},
     }
     return train_ids, val_ids, meta
 

@@ -133,21 +133,39 @@ def seed_model(params: Any, static: Any, index: int) -> Any:
     return eqx.combine(jax.tree.map(lambda x: x[index], params), static)
 
 
+@eqx.filter_jit
+def _batched_logits(model: Any, tokens: jax.Array) -> jax.Array:
+    # filter_jit caches on the model's structure, so every evaluation of every method at a
+    # given depth reuses one compilation.
+    return eqx.filter_vmap(lambda m: m(tokens))(model)
+
+
 def ensemble_logits(static: Any) -> Callable[[Any, jax.Array], jax.Array]:
     """A jitted `(params, tokens_BxT) -> logits (S, B, T, V)`: every member on the same rows.
 
     !!! Example
 
         ```python
-        # logits = ensemble_logits(static)(params, tokens)
+        # logits = ensemble_logits(result.static)(result.params, tokens)
         ```
     """
+    return lambda params, tokens: _batched_logits(eqx.combine(params, static), tokens)
 
-    @jax.jit
-    def fn(params: Any, tokens: jax.Array) -> jax.Array:
-        return jax.vmap(lambda p: eqx.combine(p, static)(tokens))(params)
 
-    return fn
+# Compiled train steps by everything that determines them (the config without its method and
+# seeds, the model's structure and shapes, the batch shape): GradStack and MIDAS reach the
+# same depths with the same structure, so the second method compiles nothing.
+_STEPS: dict[Any, Any] = {}
+
+
+def _step_key(config: TrainConfig, params: Any, static: Any, batch_shape: tuple) -> Any:
+    from .config import config_to_dict
+
+    cfg = {k: v for k, v in config_to_dict(config).items()
+           if k not in ("method", "seed", "data_seed", "progress", "data_dir")}
+    shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params))
+    return (repr(sorted(cfg.items())), jax.tree.structure(eqx.combine(params, static)),
+            shapes, batch_shape)
 
 
 def _eval_steps(config: TrainConfig) -> set[int]:
@@ -252,10 +270,13 @@ def train_ensemble(
     for stage, length in enumerate(schedule.lengths):
         fpt = flops_per_token(lm_config(config, depth), depth, config.seq_len)
         t0 = time.perf_counter()
-        train_step = make_step(static).lower(
-            params, opt_state, jax.ShapeDtypeStruct(
-                (len(seeds), *train_batches(0).shape[1:]), jnp.int32)).compile()
-        eval_step = make_eval(static)
+        batch_shape = (len(seeds), *train_batches(0).shape[1:])
+        key = _step_key(config, params, static, batch_shape)
+        if key not in _STEPS:
+            _STEPS[key] = (make_step(static).lower(
+                params, opt_state, jax.ShapeDtypeStruct(batch_shape, jnp.int32)).compile(),
+                make_eval(static))
+        train_step, eval_step = _STEPS[key]
         seconds["compile"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(length):

@@ -96,19 +96,16 @@ class PrimitiveEvalConfig:
 
 
 @eqx.filter_jit
-def _logits(model: Any, tokens: jax.Array) -> jax.Array:
-    return model(tokens)
+def _logits(model: Any, tokens: jax.Array, attention: Any = None) -> jax.Array:
+    if attention is None:
+        return model(tokens)
+    return model(tokens, unroll=True, attention=attention)
 
 
-@eqx.filter_jit
-def _argmax(model: Any, tokens: jax.Array) -> jax.Array:
-    return jnp.argmax(model(tokens), axis=-1)
-
-
-def _generate_fn(model: Any, max_len: int, batch_size: int = 64):
+def _generate_fn(model: Any, max_len: int, batch_size: int = 64, attention: Any = None):
     def fn(prompts: list[str], max_new_tokens: int) -> list[str]:
         return P.greedy_generate(
-            lambda t: _logits(model, jnp.asarray(t)),
+            lambda t: _logits(model, jnp.asarray(t), attention),
             prompts,
             max_new_tokens,
             max_len=max_len,
@@ -130,6 +127,9 @@ class PrimitiveSuite:
     **Arguments:**
 
     - `cfg`: the evaluation settings.
+    - `attention`: the attention core models are called with (`None`: the model's
+      default); pass the training run's (`stackops_harness.state.run_attention`) so that
+      evaluation is as fast as training.
 
     !!! Example
 
@@ -146,8 +146,9 @@ class PrimitiveSuite:
         ```
     """
 
-    def __init__(self, cfg: PrimitiveEvalConfig):
+    def __init__(self, cfg: PrimitiveEvalConfig, *, attention: Any = None):
         self.cfg = cfg
+        self.attention = attention
         self.shots = cfg.task_shots()
         self.examples: dict[str, list[P.Example]] = {}
         self.prompts: dict[str, list[str]] = {}
@@ -183,7 +184,7 @@ class PrimitiveSuite:
         """
         fn = logits_fn
         if isinstance(logits_fn, eqx.Module):
-            fn = lambda t: _logits(logits_fn, t)  # noqa: E731
+            fn = lambda t: _logits(logits_fn, t, self.attention)  # noqa: E731
         out: dict[str, np.ndarray] = {}
         for width, tasks in self._buckets.items():
             prompts = [p for t in tasks for p in self.prompts[t]]
@@ -214,7 +215,7 @@ class PrimitiveSuite:
         """The generation check: greedy decoding of the first `n` prompts (default
         `cfg.greedy_n`) per task, scored with `stackops_harness.primitives.is_exact_match`."""
         n = n or self.cfg.greedy_n
-        gen = _generate_fn(model, self.cfg.max_len)
+        gen = _generate_fn(model, self.cfg.max_len, attention=self.attention)
         out = {}
         for task in self.cfg.tasks:
             exs = self.examples[task][:n]

@@ -38,17 +38,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from stackops_harness.cli.midas import EVAL_TASKS, PRESETS
     from stackops_harness.config import TrainConfig
     from stackops_harness.evaluate import next_token_loss
-    from stackops_harness.state import build_model, make_optimizer
+    from stackops_harness.sharding import make_mesh
+    from stackops_harness.state import build_model, make_optimizer, run_attention
 
     cfg = TrainConfig(**dict(PRESETS["default"]["train"], method="baseline", progress=False))
     optimizer, _ = make_optimizer(cfg)
     model = build_model(cfg, jax.random.key(0), cfg.depth)
     params, static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
+    attn_name, attention = run_attention(cfg, make_mesh())  # what a training run uses
 
     @jax.jit
     def step(p, o, tokens):
-        g = jax.grad(lambda q: next_token_loss(eqx.combine(q, static), tokens))(p)
+        g = jax.grad(lambda q: next_token_loss(eqx.combine(q, static), tokens,
+                                               attention=attention))(p)
         u, o = optimizer.update(g, o, p)
         return optax.apply_updates(p, u), o
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         0, 256, (cfg.global_batch, cfg.seq_len + 1)), jnp.int32)
     params, opt_state = step(params, opt_state, tokens)  # compile
     suite = R.PrimitiveSuite(R.PrimitiveEvalConfig(tasks=EVAL_TASKS, n_eval=args.n_eval,
-                                                   max_len=cfg.seq_len))
+                                                   max_len=cfg.seq_len), attention=attention)
     suite.accuracy(model)  # compile the evaluation's shapes
     suite.greedy(model, n=4)
     t0 = time.perf_counter()
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = {"step_seconds": step_s, "tf_eval_seconds": tf_s, "greedy_seconds": greedy_s,
            "share_baseline": eval_s / (eval_s + base_train),
            "share_growth": eval_s / (eval_s + grow_train)}
+    print(f"attention core: {attn_name} (training and evaluation)")
     print(f"default preset, final depth {cfg.depth}: train step {step_s * 1e3:.0f} ms; one "
           f"teacher-forced evaluation ({len(EVAL_TASKS)} tasks x {args.n_eval} prompts) "
           f"{tf_s:.1f} s; greedy check ({suite.cfg.greedy_n} prompts per task) {greedy_s:.1f} s")

@@ -270,9 +270,13 @@ def train_all(p: Plan) -> Any:
     import numpy as np
 
     from stackops_harness import reasoning as R
+    from stackops_harness.sharding import make_mesh
+    from stackops_harness.state import run_attention
     from stackops_harness.trainer import train
 
-    suite = R.PrimitiveSuite(p.prim)
+    # Evaluate with the training runs' attention core (the CPU kernel where it builds).
+    _, attention = run_attention(p.configs[p.methods[0], p.seeds[0]], make_mesh())
+    suite = R.PrimitiveSuite(p.prim, attention=attention)
     for seed in p.seeds:
         for method in p.methods:
             cfg = p.configs[method, seed]

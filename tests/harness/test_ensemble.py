@@ -85,7 +85,10 @@ def test_ensemble_records_per_seed_losses_and_logits_have_a_seed_axis():
                          fixed_windows(TOKENS, seq_len=cfg.seq_len, batch=2, num_batches=2),
                          log=None)
     assert [r["step"] for r in res.history] == [3, 6, 9]
-    assert [r["depth"] for r in res.history] == [1, 2, 3]
+    sched = growth_schedule(cfg)  # the depth after `step` updates: that of update step - 1
+    assert [r["depth"] for r in res.history] == [sched.stage_at(r["step"] - 1) + 1
+                                                 for r in res.history]
+    assert res.history[0]["depth"] < res.history[-1]["depth"] == 3
     assert all(len(r["val_loss"]) == 3 for r in res.history)
     logits = ensemble_logits(res.static)(res.params, jnp.zeros((4, cfg.seq_len), jnp.int32))
     assert logits.shape == (3, 4, cfg.seq_len, 256)

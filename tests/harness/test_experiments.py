@@ -93,8 +93,9 @@ def test_mixed_corpus_follows_task_weights_and_copy_share(tmp_path):
         tmp_path, max_mb=0.2, synthetic_fraction=0.5, copy_share=0.25, task_weights=weights
     )
     tokens = meta["task_tokens"]
-    assert set(tokens) == set(weights) | {"induction", "varassign_d0", "varassign_d2"}
+    assert set(tokens) == set(weights) | {"induction", "varassign_d0", "varassign_d2", "recall"}
     assert tokens["induction"] == tokens["varassign_d0"] == tokens["varassign_d2"] == 0
+    assert tokens["recall"] == 0
     assert 2.5 < tokens["math"] / tokens["varassign_d1"] < 3.5
     syn = meta["synthetic_tokens"]
     assert 0.2 < meta["copy_tokens"] / syn < 0.3
@@ -102,6 +103,23 @@ def test_mixed_corpus_follows_task_weights_and_copy_share(tmp_path):
     line = next(ln for ln in text.splitlines() if " | " in ln and "=" not in ln)
     first, second = line.split(" | ")
     assert first == second  # a copy document: the same items twice
+    assert meta["math_kind_shares"] and set(meta["math_kind_shares"]) == {"2", "3"}
+
+
+def test_recall_facts_are_in_the_training_text_and_eval_prompts_of_other_tasks_are_not(
+        tmp_path):
+    from stackops_harness import data
+    from stackops_harness import primitives as P
+    from stackops_harness.corpus import EVAL_EXCLUDE, build_mixed_corpus
+
+    build_mixed_corpus(tmp_path, max_mb=0.2, synthetic_fraction=0.5,
+                       task_weights={"recall": 1.0, "varassign_d1": 1.0})
+    lines = set(data.decode(data.load_tokens(tmp_path / "train.bin")).splitlines())
+    facts = {f"{e.prompt}{e.answer}" for e in P.recall_table()}
+    assert len(facts & lines) > 0.9 * len(facts)  # closed book: the facts are in the text
+    held_out = {f"{e.prompt}{e.answer}" for e in P.generate("varassign_d1", 1000, seed=0)}
+    assert EVAL_EXCLUDE.get("varassign_d1", 1000) == 1000
+    assert not held_out & lines  # no evaluation prompt of a reasoning task
 
 
 @pytest.mark.parametrize(
