@@ -243,7 +243,7 @@ def mixed_corpus_tokens(
     syn_docs, task_tokens = (
         _synthetic_docs(n_prim, seed=seed, task_weights=weights) if n_prim > 0 else ([], {})
     )
-    math_shares = task_tokens.pop("math_kind_shares", None)
+    math_shares: Any = task_tokens.pop("math_kind_shares", None)  # a dict among the counts
     copy_docs = _copy_docs(n_copy, seed=seed) if n_copy > 0 else []
     syn_docs += copy_docs
     # Interleave synthetic documents uniformly among the real ones.

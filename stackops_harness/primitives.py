@@ -586,7 +586,9 @@ def k_shot_prompts(
                 f"`shots_pool` has {len(candidates)} usable shots for a query, fewer than "
                 f"`k`={k}; pass a larger pool or a smaller `k`."
             )
-        chosen = rng.choice(len(candidates), size=k, replace=False) if k else []
+        chosen: Sequence[int] = (
+            rng.choice(len(candidates), size=k, replace=False).tolist() if k else []
+        )
         prompts.append(few_shot_prompt([candidates[i] for i in chosen], ex))
     return prompts
 

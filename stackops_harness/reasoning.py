@@ -307,8 +307,13 @@ def finetune_accuracy(
             for _ in range(cfg.ft_steps):
                 idx = rng.choice(len(tokens), size=min(cfg.ft_batch, len(tokens)), replace=False)
                 m, state, _ = step(m, state, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
+            trained = m
+
+            def logits_fn(t: Any, trained: Any = trained) -> Any:
+                return _logits(trained, t)
+
             hits = P.teacher_forced_exact_match(
-                lambda t, m=m: _logits(m, t), [e.prompt for e in splits.eval],
+                logits_fn, [e.prompt for e in splits.eval],
                 [e.answer for e in splits.eval], max_len=cfg.max_len,
                 batch_size=min(cfg.batch_size, len(splits.eval)))
             accs.append(float(np.mean(hits)))

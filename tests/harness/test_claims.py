@@ -26,10 +26,10 @@ BASE = [(2.00, 0.30, 0.20), (2.05, 0.25, 0.22), (1.98, 0.33, 0.19), (2.02, 0.28,
 
 def test_a_clearly_better_midas_is_supported_on_every_claim():
     runs = {
-        "baseline": {s: _run(l, a, r, flops=1.36) for s, (l, a, r) in enumerate(BASE)},
-        "gradstack": {s: _run(l + 0.05 + 0.003 * s, a, r) for s, (l, a, r) in enumerate(BASE)},
-        "midas": {s: _run(l - 0.01 + 0.002 * s, a + 0.1 + 0.01 * s, r)
-                  for s, (l, a, r) in enumerate(BASE)},
+        "baseline": {s: _run(v, a, r, flops=1.36) for s, (v, a, r) in enumerate(BASE)},
+        "gradstack": {s: _run(v + 0.05 + 0.003 * s, a, r) for s, (v, a, r) in enumerate(BASE)},
+        "midas": {s: _run(v - 0.01 + 0.002 * s, a + 0.1 + 0.01 * s, r)
+                  for s, (v, a, r) in enumerate(BASE)},
     }
     out = _analyse(runs)
     assert {k: c["verdict"] for k, c in out["claims"].items()} == {
@@ -40,18 +40,18 @@ def test_a_clearly_better_midas_is_supported_on_every_claim():
 
 def test_a_worse_midas_is_contradicted_and_noise_is_not_established():
     worse = {
-        "baseline": {s: _run(l, a, r) for s, (l, a, r) in enumerate(BASE)},
-        "gradstack": {s: _run(l - 0.05 - 0.003 * s, a, r) for s, (l, a, r) in enumerate(BASE)},
-        "midas": {s: _run(l + LOSS_MARGIN + 0.05 + 0.002 * s, a - 0.1 - 0.01 * s, r)
-                  for s, (l, a, r) in enumerate(BASE)},
+        "baseline": {s: _run(v, a, r) for s, (v, a, r) in enumerate(BASE)},
+        "gradstack": {s: _run(v - 0.05 - 0.003 * s, a, r) for s, (v, a, r) in enumerate(BASE)},
+        "midas": {s: _run(v + LOSS_MARGIN + 0.05 + 0.002 * s, a - 0.1 - 0.01 * s, r)
+                  for s, (v, a, r) in enumerate(BASE)},
     }
     claims = _analyse(worse)["claims"]
     assert claims["1"]["verdict"] == "contradicted"
     assert claims["2"]["verdict"] == "contradicted"  # no FLOPs saved and a worse loss
     noisy = {
-        "baseline": {s: _run(l, a, r) for s, (l, a, r) in enumerate(BASE)},
-        "midas": {s: _run(l + (0.03 if s % 2 else -0.03), a + (0.05 if s % 2 else -0.05), r)
-                  for s, (l, a, r) in enumerate(BASE)},
+        "baseline": {s: _run(v, a, r) for s, (v, a, r) in enumerate(BASE)},
+        "midas": {s: _run(v + (0.03 if s % 2 else -0.03), a + (0.05 if s % 2 else -0.05), r)
+                  for s, (v, a, r) in enumerate(BASE)},
     }
     claims = _analyse(noisy)["claims"]
     assert claims["3"]["verdict"] == "not established"
@@ -61,9 +61,9 @@ def test_a_worse_midas_is_contradicted_and_noise_is_not_established():
 def test_claim_4_subtracts_the_recall_gain():
     # MIDAS gains more on recall than on reasoning: the reasoning gain alone is no claim 4.
     runs = {
-        "baseline": {s: _run(l, a, r) for s, (l, a, r) in enumerate(BASE)},
-        "midas": {s: _run(l, a + 0.1 + 0.01 * s, r + 0.12 + 0.01 * s)
-                  for s, (l, a, r) in enumerate(BASE)},
+        "baseline": {s: _run(v, a, r) for s, (v, a, r) in enumerate(BASE)},
+        "midas": {s: _run(v, a + 0.1 + 0.01 * s, r + 0.12 + 0.01 * s)
+                  for s, (v, a, r) in enumerate(BASE)},
     }
     claims = _analyse(runs)["claims"]
     assert claims["3"]["verdict"] == "supported"
