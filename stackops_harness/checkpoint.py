@@ -128,6 +128,7 @@ class Checkpointer:
     ):
         self.directory = Path(directory).absolute()
         self.read_only = read_only
+        self._pending: int | None = None  # the step of the last save started
         if read_only:
             if not self.directory.is_dir():
                 raise CheckpointError(f"There is no checkpoint directory {self.directory}.")
@@ -211,6 +212,7 @@ class Checkpointer:
         )
         try:
             self.manager.save(step, args=args, force=True)
+            self._pending = step
         except Exception as e:  # noqa: BLE001 -- re-raised with context
             raise CheckpointError(
                 f"Saving the checkpoint at step {step} in {self.directory} failed "
@@ -228,6 +230,20 @@ class Checkpointer:
                 f"({type(e).__name__}: {e}). Check that the directory is writable and has "
                 "space, then rerun the same command: it resumes from the last checkpoint."
             ) from e
+        # orbax's own finalisation may consume a background error (it logs it and clears
+        # it), so also check the outcome: once no save is in flight, the last one must have
+        # been committed (renamed to its step directory).
+        step = self._pending
+        if step is None or self.manager.is_saving_in_progress():
+            return
+        self._pending = None
+        if jax.process_index() == 0 and not self.step_dir(step).is_dir():
+            raise CheckpointError(
+                f"The background save of the checkpoint at step {step} in {self.directory} "
+                "failed (its step directory was never committed; orbax logged the cause "
+                "above). Check that the directory is writable and has space, then rerun the "
+                "same command: it resumes from the last checkpoint."
+            )
 
     def manifest(self, step: int | None = None) -> dict[str, Any]:
         """The manifest of the checkpoint at `step` (default: the latest), its own hash
@@ -338,6 +354,7 @@ class Checkpointer:
                 f"({type(e).__name__}: {e}). Check that the directory is writable and has "
                 "space, then rerun the same command: it resumes from the last checkpoint."
             ) from e
+        self.check()
 
     def close(self) -> None:
         """Finish pending saves and release the manager (its save error, if any, raised

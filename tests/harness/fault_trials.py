@@ -97,7 +97,7 @@ def kill_trial(out: Path, moment: str, rng: random.Random, reference: Path) -> d
         proc.kill()
     proc.wait()
     newest = _latest(out)
-    hs.run_cli(hs.smoke_cli_args(out), devices=hs.other_device_count())
+    hs.run_cli(hs.smoke_cli_args(out), devices=hs.other_device_count(), timeout=900)
     resume = read_metrics(metrics, "resume")
     steps = [r["step"] for r in read_metrics(metrics, "train")]
     same = (
@@ -187,24 +187,6 @@ def main() -> None:
     summary: dict = {}
     try:
         reference = hs.subprocess_reference()
-        if args.kills:
-            moments = ["checkpoint", "compile", "grow"]
-            trials = []
-            for i in range(args.kills):
-                out = work / f"kill-{i}"
-                t0 = time.time()
-                trials.append(kill_trial(out, moments[i % 3], rng, reference))
-                print(f"kill {i}: {trials[-1]} ({time.time() - t0:.0f} s)", flush=True)
-                shutil.rmtree(out, ignore_errors=True)
-            summary["kills"] = {
-                "trials": len(trials),
-                "killed": sum(t["killed"] for t in trials),
-                "by_moment": {m: sum(t["moment"] == m for t in trials) for m in moments},
-                "resumed_from_newest": sum(t["resumed_from_newest"] for t in trials),
-                "steps_once": sum(t["steps_once"] for t in trials),
-                "bit_identical": sum(t["bit_identical"] for t in trials),
-            }
-            print("kills:", summary["kills"], flush=True)
         if args.flips:
             summary["flips"] = flip_trials(args.flips, rng, work)
             print("flips:", summary["flips"], flush=True)
@@ -216,6 +198,25 @@ def main() -> None:
                 "reads": sum(r["reads"] for r in results),
             }
             print("readers:", summary["readers"], flush=True)
+        if args.kills:
+            moments = ["checkpoint", "compile", "grow"]
+            trials = []
+            for i in range(args.kills):
+                out = work / f"kill-{i}"
+                t0 = time.time()
+                trials.append(kill_trial(out, moments[i % 3], rng, reference))
+                print(f"kill {i}: {trials[-1]} ({time.time() - t0:.0f} s)", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+                summary["kills"] = {  # after every trial, so that a partial count is kept
+                    "trials": len(trials),
+                    "killed": sum(t["killed"] for t in trials),
+                    "by_moment": {m: sum(t["moment"] == m for t in trials) for m in moments},
+                    "resumed_from_newest": sum(t["resumed_from_newest"] for t in trials),
+                    "steps_once": sum(t["steps_once"] for t in trials),
+                    "bit_identical": sum(t["bit_identical"] for t in trials),
+                }
+                print("kills so far:", summary["kills"], flush=True)
+            print("kills:", summary["kills"], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -95,3 +95,27 @@ def test_a_resume_on_other_token_files_of_the_same_size_is_refused(tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(token_dir(), moved)
     train(smoke(data_dir=str(moved)), run_dir)
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--val-fraction", "1.5"], "--val-fraction"),
+        (["--max-mb", "0"], "--max-mb"),
+        (["--src", "/nonexistent/dir"], "--src"),
+    ],
+)
+def test_build_tokens_flags_are_one_line_errors(tmp_path, capsys, extra, flag):
+    from stackops_harness.cli import build_tokens
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_tokens.main(["--out", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in err, err
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit):
+        build_tokens.main(["--out", str(a_file)])
+    assert "--out" in capsys.readouterr().err

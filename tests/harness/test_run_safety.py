@@ -180,3 +180,38 @@ def test_out_pointing_at_a_file_and_a_missing_config_are_refused(tmp_path, capsy
     # With the config given, the run resumes (and config.json is written back).
     assert train_cli.main(smoke_cli_args(run_dir, "--set", "keep_checkpoints=7")) == 0
     assert (run_dir / "config.json").is_file()
+
+
+def test_a_save_failing_in_the_background_is_reported_within_seconds(tmp_path):
+    """The checkpoint directory vanishes while an asynchronous save is being written: orbax's
+    background thread fails (and its own finalisation swallows the error), yet the next
+    `check()` (the trainer calls it after every step) raises within seconds."""
+    import glob
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from stackops_harness import data
+    from stackops_harness.checkpoint import Checkpointer
+
+    it = data.make_train_iter(np.arange(1000), seq_len=8, global_batch=4, seed=0)
+    ckpts = tmp_path / "checkpoints"
+    ckpt = Checkpointer(ckpts)
+    big = {"w": jnp.ones((1024, 1024))}
+    ckpt.save(1, big, {"m": jnp.zeros((1024, 1024))}, it, {"format": "test"})
+    start = time.perf_counter()
+    for partial in glob.glob(f"{ckpts}/*tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(ckpts, ignore_errors=True)
+    ckpts.write_text("")
+    with pytest.raises(CheckpointError, match=r"(?s)background.*save.*failed"):
+        while time.perf_counter() - start < 30:
+            ckpt.check()
+            time.sleep(0.01)
+    seconds = time.perf_counter() - start
+    print(f"background save failure reported after {seconds:.3f} s")
+    assert seconds < 10
+    try:
+        ckpt.close()
+    except CheckpointError:
+        pass
