@@ -209,7 +209,7 @@ def _cached(key: Hashable, make: Callable[[], Any]) -> tuple[Any, bool]:
 
 
 def _enable_compile_cache(directory: str) -> None:
-    if not directory or jax.config.jax_compilation_cache_dir == directory:
+    if not directory or getattr(jax.config, "jax_compilation_cache_dir", None) == directory:
         return
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -597,6 +597,8 @@ class Trainer:
             }
         )
         self.bar = Progress(sched.total_steps, step, enabled=cfg.progress and self.is_main)
+        log, bar, ckpt = self.log, self.bar, self.ckpt  # set up above: never None here
+        assert log is not None and bar is not None and ckpt is not None
 
         tokens, flops = int(counters["tokens"]), float(counters["flops"])
         total = sched.total_steps
@@ -636,13 +638,13 @@ class Trainer:
                 **self.clock.as_record(),
             }
             window.update(tokens=0, flops=0.0, time=self.clock.totals["train"])
-            self.log.write(record)
+            log.write(record)
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(
                     f"The training loss is {record['loss']} at step {step}; lower TrainConfig.lr "
                     "or raise warmup_steps."
                 )
-            self.bar.update(
+            bar.update(
                 0,
                 loss=record["loss"],
                 stage=f"{stage + 1}/{sched.num_stages}",
@@ -651,6 +653,7 @@ class Trainer:
             )
 
         def evaluate() -> float:
+            assert eval_step is not None  # compiled at the start of every stage
             loss = self.eval_set.loss(eval_step, params)
             record: dict[str, Any] = {
                 "kind": "eval",
@@ -665,8 +668,8 @@ class Trainer:
                 extra = hook(step, model_now(), dict(record))
                 if extra:
                     record.update(extra)
-            self.log.write({**record, **self.clock.as_record()})
-            self.bar.write(f"step {step}: stage {stage + 1} depth {sk.depth} val_loss {loss:.4f}")
+            log.write({**record, **self.clock.as_record()})
+            bar.write(f"step {step}: stage {stage + 1} depth {sk.depth} val_loss {loss:.4f}")
             self.clock.lap("eval")
             return loss
 
@@ -681,15 +684,15 @@ class Trainer:
                 counters={"tokens": tokens, "flops": flops, "time": dict(self.clock.totals)},
                 data_info=self.data_info,
             )
-            self.ckpt.save(step, params, opt_state, self.train_iter, man)
+            ckpt.save(step, params, opt_state, self.train_iter, man)
             seconds = self.clock.lap("ckpt")
-            self.log.write({"kind": "checkpoint", "step": step, "seconds": seconds})
+            log.write({"kind": "checkpoint", "step": step, "seconds": seconds})
             return man
 
         def compile_stage() -> tuple[Any, Any]:
             ts, es, hit = self._compile(sk)
             seconds = self.clock.lap("compile")
-            self.log.write(
+            log.write(
                 {
                     "kind": "compile",
                     "step": step,
@@ -716,8 +719,8 @@ class Trainer:
             window["tokens"] += cfg.tokens_per_step
             window["flops"] += self._flops_per_step(stage)
             pending.append(step_metrics)
-            self.bar.update(1)
-            self.ckpt.check()  # a failed background save stops the run now, not minutes later
+            bar.update(1)
+            ckpt.check()  # a failed background save stops the run now, not minutes later
 
             boundary = stage + 1 < sched.num_stages and step == sched.starts[stage + 1]
             eval_due = (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == total
@@ -734,7 +737,7 @@ class Trainer:
                 params, opt_state = self._grower(sk, next_sk, op)(params, opt_state)
                 jax.block_until_ready((params, opt_state))
                 seconds = self.clock.lap("grow")
-                event = {
+                grown = {
                     "step": step,
                     "stage": stage + 2,
                     "op": repr(op),
@@ -742,9 +745,9 @@ class Trainer:
                     "depth_to": next_sk.depth,
                     "seconds": seconds,
                 }
-                growth.append(event)
-                self.log.write({"kind": "grow", **event})
-                self.bar.write(
+                growth.append(grown)
+                log.write({"kind": "grow", **grown})
+                bar.write(
                     f"step {step}: grew {sk.depth} -> {next_sk.depth} blocks with {op!r}"
                 )
                 stage, sk = stage + 1, next_sk
@@ -753,7 +756,7 @@ class Trainer:
                 manifest = save()
 
         flush_train()
-        self.ckpt.wait()
+        ckpt.wait()
         self.clock.lap("ckpt")
         if not manifest and self.ckpt.latest_step() is not None:
             manifest = self.ckpt.manifest()
