@@ -7,7 +7,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-from optax.contrib import MuonDimensionNumbers
 
 from ._apply import get_layers
 from ._stack import Stack
@@ -62,6 +61,13 @@ def muon_dimension_numbers(
         raise TypeError(f"`where` must be a function from the params to the layers, got {where!r}.")
     if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
         raise ValueError(f"`axis` must be a non-negative integer, got {axis!r}.")
+    try:  # imported here so that `import stackops` works on optax versions without it
+        from optax.contrib import MuonDimensionNumbers
+    except ImportError as e:
+        raise ImportError(
+            "`muon_dimension_numbers` needs an optax with `optax.contrib.MuonDimensionNumbers` "
+            "(optax 0.2.8 has it); upgrade optax."
+        ) from e
 
     def dims(params: Any) -> Any:
         container = get_layers(params, where)

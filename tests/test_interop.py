@@ -185,6 +185,9 @@ def test_axis_1_equals_moving_the_axis_to_0_and_growing():
         jax.tree.map(np.testing.assert_array_equal, moved, c0.where(g0))
 
 
+_HAS_MUON = hasattr(optax.contrib, "muon")
+
+
 def _optimizers(case):
     wd_mask = lambda p: jax.tree.map(lambda x: eqx.is_inexact_array(x) and x.ndim >= 2, p)
     label = lambda p: jax.tree.map(
@@ -196,7 +199,8 @@ def _optimizers(case):
         "multi_transform": optax.multi_transform(
             {"adam": optax.adam(1e-3), "sgd": optax.sgd(1e-2, momentum=0.9)}, label
         ),
-        "muon": optax.contrib.muon(1e-3),
+        # optax.contrib.muon is newer than the floor optax (0.2.4) the library is also tested on.
+        **({"muon": optax.contrib.muon(1e-3)} if _HAS_MUON else {}),
     }
 
 
@@ -209,6 +213,8 @@ OPT_NAMES = ["adamw", "adamw_mask_fn", "multi_transform", "muon"]
                                                 "nnx_list")]
 )
 def test_grown_opt_state_has_init_structure_and_update_runs(name, opt_name):
+    if opt_name == "muon" and not _HAS_MUON:
+        pytest.skip("this optax has no optax.contrib.muon")
     case = BUILDERS[name][0](2)
     opt = _optimizers(case)[opt_name]
     params = eqx.filter(case.params(case.model), eqx.is_inexact_array)

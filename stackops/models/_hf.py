@@ -284,7 +284,7 @@ def _skeleton(config: LMConfig) -> Any:
 
 
 def _path_str(path: Any) -> str:
-    return jax.tree_util.keystr(path, simple=False)
+    return jax.tree_util.keystr(path)
 
 
 def _load_leaf(
