@@ -62,7 +62,7 @@ def stdlib_sources(max_bytes: int = 20_000_000) -> list[Path]:
     """The Python standard library's `.py` files (tests, idlelib, site-packages left out),
     sorted by relative path, the prefix that fits in `max_bytes`.
 
-    The same list as `stackops_harness.data.default_corpus_files`, without its imports.
+    `stackops_harness.data.default_corpus_files` returns this list (this module needs no grain).
 
     !!! Example
 

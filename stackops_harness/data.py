@@ -37,7 +37,6 @@ TOKEN_DTYPE = np.uint16
 DEFAULT_SEPARATOR = "\n\n"
 """Text placed after every document when a corpus is concatenated."""
 
-_EXCLUDED_STDLIB_PARTS = frozenset({"test", "tests", "idlelib", "site-packages"})
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -415,23 +414,12 @@ def default_corpus_files(max_bytes: int = 20_000_000) -> list[Path]:
     if not isinstance(max_bytes, int) or max_bytes <= 0:
         raise ValueError(f"`max_bytes` must be a positive int, got {max_bytes!r}.")
     root = Path(sysconfig.get_paths()["stdlib"])
-    candidates = []
-    for f in root.rglob("*.py"):
-        rel = f.relative_to(root)
-        if _EXCLUDED_STDLIB_PARTS.intersection(rel.parts[:-1]) or not f.is_file():
-            continue
-        candidates.append((rel.as_posix(), f))
-    if not candidates:
+    if next(root.rglob("*.py"), None) is None:
         raise FileNotFoundError(f"No standard-library sources found under {str(root)!r}.")
-    candidates.sort()
-    files, total = [], 0
-    for _, f in candidates:
-        size = f.stat().st_size
-        if total + size > max_bytes:
-            break
-        files.append(f)
-        total += size
-    return files
+    # One list of stdlib sources: corpus.stdlib_sources (importable without grain).
+    from .corpus import stdlib_sources
+
+    return stdlib_sources(max_bytes)
 
 
 def _expand_sources(sources: Sequence[str | os.PathLike[str]], pattern: str) -> list[Path]:
