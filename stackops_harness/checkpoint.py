@@ -220,16 +220,19 @@ class Checkpointer:
                 "space, then rerun the same command: it resumes from the last checkpoint."
             ) from e
 
+    def _background_failure(self, e: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"A background checkpoint save in {self.directory} failed "
+            f"({type(e).__name__}: {e}). Check that the directory is writable and has "
+            "space, then rerun the same command: it resumes from the last checkpoint."
+        )
+
     def check(self) -> None:
         """Raise [`CheckpointError`][] now if a background save has failed (cheap)."""
         try:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001 -- re-raised with context
-            raise CheckpointError(
-                f"A background checkpoint save in {self.directory} failed "
-                f"({type(e).__name__}: {e}). Check that the directory is writable and has "
-                "space, then rerun the same command: it resumes from the last checkpoint."
-            ) from e
+            raise self._background_failure(e) from e
         # orbax's own finalisation may consume a background error (it logs it and clears
         # it), so also check the outcome: once no save is in flight, the last one must have
         # been committed (renamed to its step directory).
@@ -349,11 +352,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 -- re-raised with context
-            raise CheckpointError(
-                f"A background checkpoint save in {self.directory} failed "
-                f"({type(e).__name__}: {e}). Check that the directory is writable and has "
-                "space, then rerun the same command: it resumes from the last checkpoint."
-            ) from e
+            raise self._background_failure(e) from e
         self.check()
 
     def close(self) -> None:
