@@ -3,6 +3,8 @@
     python experiments/looped.py --preset smoke      # under a minute
     python experiments/looped.py                     # default: (2 ⊗ 3) vs 2 and 6 untied layers
     python experiments/looped.py --k 3 --loops 4 --out runs/looped-3x4
+    python experiments/looped.py --seeds 3 --looped-lr 0.006   # paired over 3 seeds
+    python experiments/looped.py --models looped --looped-lr 0.001 --no-finetune  # LR sweep
 
 Three models train on the same data, seed and step budget:
 
@@ -15,7 +17,12 @@ The looped model is built by the harness as an `L`-stage run with `loop_tie(bloc
 every boundary (each adds one more pass through the same `k` layers) and Prop-α with a
 large α, so the first `L - 1` stages last one step each and the full loop trains for the
 rest of the budget. Reports validation loss, FLOPs, the reasoning
-primitives (k-shot and fine-tuned) and writes `report.md` in the output folder.
+primitives (k-shot and fine-tuned) and writes `report.md` in the output folder; with
+`--seeds N` every model trains with seeds `0..N-1` and the report compares the looped model
+with each untied one paired by seed (mean difference, 95% CI, p-value, verdict). Finished
+runs are reused, so more seeds can be added later. `--looped-lr` gives the looped model its
+own peak learning rate (its run directories are then tagged with it), since weight sharing
+changes the effective step size of the shared layers.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +57,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+MODELS = ("looped", "iso-param", "iso-flop")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -58,6 +69,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--k", type=int, default=2, help="distinct layers in the loop")
     p.add_argument("--loops", type=int, default=3, help="times the k layers run (L)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every model with seeds 0..N-1 (init and data order)")
+    p.add_argument("--looped-lr", type=float, default=None,
+                   help="peak learning rate of the looped model only (default: the preset's, "
+                   "as the untied models); choose it with a sweep: --models looped --seeds 1")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--synthetic-fraction", type=float, default=None,
                    help="share of synthetic documents in the pretraining tokens (default: preset)")
@@ -66,6 +84,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.k < 1 or args.loops < 2:
         raise SystemExit("--k must be >= 1 and --loops >= 2")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    if args.looped_lr is not None and not (math.isfinite(args.looped_lr) and args.looped_lr > 0):
+        raise SystemExit(f"--looped-lr must be a positive finite number, got {args.looped_lr}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or not models:
+        raise SystemExit(f"--models: unknown {unknown or args.models!r}; choose from "
+                         f"{','.join(MODELS)}")
 
     import numpy as np
 
@@ -73,12 +100,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from stackops_harness import config as C
     from stackops_harness import reasoning as R
     from stackops_harness import report as Rep
+    from stackops_harness import stats as S
     from stackops_harness.corpus import build_mixed_corpus
     from stackops_harness.metrics import read_metrics
     from stackops_harness.paths import data_root
     from stackops_harness.trainer import train
 
     preset = PRESETS[args.preset]
+    k, L = args.k, args.loops
+    lr = C.TrainConfig().lr if "lr" not in preset["train"] else preset["train"]["lr"]
+    looped_lr = args.looped_lr if args.looped_lr is not None else lr
+    names = {"looped": f"looped ({k}⊗{L})", "iso-param": f"iso-param ({k} layers)",
+             "iso-flop": f"iso-FLOP ({k * L} layers)"}
+
+    def config(model: str, seed: int, data_dir: str) -> Any:
+        common = dict(preset["train"], data_dir=data_dir, progress=not args.no_progress,
+                      seed=seed, data_seed=seed)
+        if model == "looped":
+            return C.TrainConfig(**dict(common, method="custom", depth=k * L, stages=L,
+                                        alpha=30.0, lr=looped_lr))
+        depth = k if model == "iso-param" else k * L
+        return C.TrainConfig(**dict(common, method="baseline", depth=depth, stages=1))
+
+    # Every argument is checked (configs built) before the corpus or any training.
+    for m in models:
+        config(m, 0, "")
     out = args.out or Path("runs") / f"looped-{args.preset}"
     out.mkdir(parents=True, exist_ok=True)
     corpus = dict(preset["corpus"])
@@ -86,62 +132,93 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         corpus["synthetic_fraction"] = args.synthetic_fraction
     data_dir = corpus_dir(data_root(), corpus)
     build_mixed_corpus(data_dir, **corpus)
-    k, L = args.k, args.loops
-    common = dict(preset["train"], data_dir=str(data_dir), progress=not args.no_progress)
-    prim_cfg = R.PrimitiveEvalConfig(max_len=common["seq_len"], **preset["prim"])
+    prim_cfg = R.PrimitiveEvalConfig(max_len=preset["train"]["seq_len"], **preset["prim"])
     suite = R.PrimitiveSuite(prim_cfg)
+    seeds = list(range(args.seeds))
 
-    runs = {
-        f"looped ({k}⊗{L})": (
-            C.TrainConfig(**dict(common, method="custom", depth=k * L, stages=L, alpha=30.0)),
-            so.loop_tie(block=k),
-        ),
-        f"iso-param ({k} layers)": (
-            C.TrainConfig(**dict(common, method="baseline", depth=k, stages=1)), None),
-        f"iso-FLOP ({k * L} layers)": (
-            C.TrainConfig(**dict(common, method="baseline", depth=k * L, stages=1)), None),
-    }
+    def run_dir(model: str, seed: int) -> Path:
+        tag = "" if model != "looped" or args.looped_lr is None else f"-lr{looped_lr:g}"
+        return out / f"{model}{tag}-seed{seed}"
+
     (out / "config.json").write_text(json.dumps(
-        {"argv": argv if argv is not None else sys.argv[1:],
-         "runs": {name: C.config_to_dict(cfg) for name, (cfg, _) in runs.items()},
+        {"argv": argv if argv is not None else sys.argv[1:], "seeds": args.seeds,
+         "runs": {names[m]: C.config_to_dict(config(m, 0, str(data_dir))) for m in models},
          "op": repr(so.loop_tie(block=k, repeats=L)),
          "primitives": dataclasses.asdict(prim_cfg)}, indent=2, default=str))
 
-    rows, sims, summary = [], {}, {}
-    for i, (name, (cfg, op)) in enumerate(runs.items()):
-        run_dir = out / ["looped", "iso-param", "iso-flop"][i]
-        print(f"\n=== {name} -> {run_dir}")
-        res = train(cfg, run_dir, op=op)
-        few = suite.accuracy(res.model)
-        ft = {} if args.no_finetune else R.finetune_accuracy(res.model, prim_cfg)
-        recs = read_metrics(res.metrics_path)
-        last = [r for r in recs if r.get("kind") == "eval"][-1]
-        blocks = res.model.blocks
-        n_params = sum(x.size for x in __import__("jax").tree.leaves(blocks.layers))
-        sims[name] = R.layer_similarity(blocks)
-        summary[name] = {"val_loss": last["val_loss"], "flops": last["flops"],
-                         "block_params": int(n_params), "positions": len(blocks),
-                         "stored_layers": blocks.num_layers, "fewshot": few, "finetune": ft}
-        rows.append([name, len(blocks), blocks.num_layers, f"{n_params:,}",
-                     f"{last['val_loss']:.3f}", f"{last['flops']:.3g}",
-                     f"{np.mean(list(few.values())):.3f}",
-                     f"{np.mean([v['mean'] for v in ft.values()]):.3f}" if ft else "–"]
-                    + [f"{few[t]:.2f} / " + (f"{ft[t]['mean']:.2f}" if ft else "–")
-                       for t in prim_cfg.tasks])
-    header = ["model", "positions", "stored layers", "block params", "val loss", "FLOPs",
-              "avg k-shot", "avg FT-64"] + [f"{t} (k-shot / FT)" for t in prim_cfg.tasks]
+    per: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in models}
+    sims: dict[str, Any] = {}
+    for seed in seeds:
+        for m in models:
+            rd = run_dir(m, seed)
+            print(f"\n=== {names[m]} (seed {seed}) -> {rd}")
+            op = so.loop_tie(block=k) if m == "looped" else None
+            res = train(config(m, seed, str(data_dir)), rd, op=op)
+            few = suite.accuracy(res.model)
+            ft = {} if args.no_finetune else R.finetune_accuracy(res.model, prim_cfg)
+            last = [r for r in read_metrics(res.metrics_path) if r.get("kind") == "eval"][-1]
+            blocks = res.model.blocks
+            n_params = sum(x.size for x in __import__("jax").tree.leaves(blocks.layers))
+            if seed == 0:
+                sims[names[m]] = R.layer_similarity(blocks)
+            per[m][seed] = {"val_loss": last["val_loss"], "flops": last["flops"],
+                            "block_params": int(n_params), "positions": len(blocks),
+                            "stored_layers": blocks.num_layers, "fewshot": few, "finetune": ft,
+                            "kshot_avg": float(np.mean(list(few.values())))}
+            (rd / "final_eval.json").write_text(json.dumps(per[m][seed], indent=2,
+                                                           default=float))
+
+    def ms(m: str, key: Any) -> str:
+        vals = [key(r) for r in per[m].values()]
+        mean, sd = S.mean_sd(vals)
+        return f"{mean:.3f}" if len(vals) < 2 else f"{mean:.3f} ± {sd:.3f}"
+
+    rows = []
+    for m in models:
+        r0 = per[m][0]
+        rows.append([names[m], r0["positions"], r0["stored_layers"], f"{r0['block_params']:,}",
+                     f"{(looped_lr if m == 'looped' else lr):g}",
+                     ms(m, lambda r: r["val_loss"]), f"{r0['flops']:.3g}",
+                     ms(m, lambda r: r["kshot_avg"])]
+                    + [ms(m, lambda r, t=t: r["fewshot"][t]) for t in prim_cfg.tasks])
+    header = ["model", "positions", "stored layers", "block params", "peak LR",
+              "val loss", "FLOPs", "avg k-shot"] + [f"{t} (k-shot)" for t in prim_cfg.tasks]
     table = Rep.markdown_table(header, rows)
+    comparisons: dict[str, Any] = {}
+    lines = []
+    if "looped" in models and len(seeds) >= 2:
+        for other in [m for m in models if m != "looped"]:
+            for metric, key, claim in (
+                    ("val loss", lambda r: r["val_loss"], "a < b"),
+                    ("avg k-shot", lambda r: r["kshot_avg"], "a > b"),
+                    ("math k-shot", lambda r: r["fewshot"].get("math", float("nan")), "a > b")):
+                res_p = S.paired({s: key(r) for s, r in per["looped"].items()},
+                                 {s: key(r) for s, r in per[other].items()})
+                v = S.verdict(res_p, claim=claim)
+                comparisons[f"looped - {other}: {metric}"] = {
+                    "mean": res_p.mean, "ci": list(res_p.ci), "p": res_p.p, "sd": res_p.sd,
+                    "n": res_p.n, "claim": claim, "verdict": v}
+                lines.append(f"- looped − {other}, {metric}: {res_p.summary()} — claim "
+                             f"`looped {claim[2]} {other}`: **{v}**")
     Rep.plot_similarity(sims, out / "layer_similarity.png")
+    n_seeds = len(seeds)
+    stats_text = (["Paired by seed (95% t-intervals, SD with ddof=1):", "", *lines, ""]
+                  if lines else [f"{n_seeds} seed(s): differences are not established "
+                                 "without at least two paired seeds.", ""])
     (out / "report.md").write_text("\n".join([
-        f"# Looped ({k}⊗{L}) vs untied baselines ({args.preset} preset)", "", table, "",
-        "Teacher-forced exact match with complete shots ("
+        f"# Looped ({k}⊗{L}) vs untied baselines ({args.preset} preset, {n_seeds} seed(s))",
+        "", table, "",
+        "Mean ± sample SD (ddof=1) over seeds; FLOPs and sizes of seed 0. Teacher-forced "
+        "exact match with complete shots ("
         + ", ".join(f"{t} {n}-shot" for t, n in suite.shots.items()) + "). Floors (the "
         "highest of uniform chance, informed guess and structural shortcut): "
-        + ", ".join(f"{t} {f['floor']:.3f}" for t, f in suite.floors.items()) + ". One seed "
-        "per model: differences are not established without more.", "",
+        + ", ".join(f"{t} {f['floor']:.3f}" for t, f in suite.floors.items()) + ".", "",
+        *stats_text,
         "![layer similarity](layer_similarity.png)", ""]))
+    summary = {"runs": {names[m]: {str(s): r for s, r in per[m].items()} for m in models},
+               "comparisons": comparisons, "lr": lr, "looped_lr": looped_lr}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
-    print("\n" + table)
+    print("\n" + table + "\n" + "\n".join(lines))
     return summary
 
 
