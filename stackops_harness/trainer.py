@@ -51,7 +51,7 @@ from .checkpoint import (
     make_manifest,
     write_json_atomic,
 )
-from .config import TrainConfig, config_to_dict
+from .config import COMPILED_FIELDS, TrainConfig, config_to_dict
 from .evaluate import EvalSet, make_eval_step
 from .lock import RunLock, RunLockedError
 from .methods import GrowthSchedule, growth_schedule
@@ -152,32 +152,9 @@ def prepare_data(config: TrainConfig) -> Path:
 _CACHE_SIZE = 32
 _EXECUTABLES: OrderedDict[Hashable, Any] = OrderedDict()
 
-# Config fields that do not change what a compiled step or growth computes.
-_NOT_COMPILED = frozenset(
-    {
-        "method",
-        "stages",
-        "alpha",
-        "interp_t",
-        "seed",
-        "data_seed",
-        "data_dir",
-        "eval_every",
-        "eval_batches",
-        "ckpt_every",
-        "keep_checkpoints",
-        "async_checkpoints",
-        "log_every",
-        "progress",
-        "compile_cache",
-    }
-)
-
-
 def _compute_key(config: TrainConfig) -> tuple[Any, ...]:
-    return tuple(
-        (k, v) for k, v in sorted(config_to_dict(config).items()) if k not in _NOT_COMPILED
-    )
+    # The fields whose metadata says they change what a compiled step or growth computes.
+    return tuple((name, getattr(config, name)) for name in sorted(COMPILED_FIELDS))
 
 
 def _signature(sk: Skeleton) -> tuple[Any, ...]:

@@ -71,17 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--coordinator", default=None, help="host:port of process 0, or 'auto'")
     dist.add_argument("--num-processes", type=int, default=None)
     dist.add_argument("--process-id", type=int, default=None)
-    fields = parser.add_argument_group("config fields (override the preset)")
-    for f in dataclasses.fields(config_lib.TrainConfig):
-        tp = typing.get_type_hints(config_lib.TrainConfig)[f.name]
-        fields.add_argument(
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section, f, tp in config_lib.config_fields():
+        if section not in groups:
+            groups[section] = parser.add_argument_group(
+                f"config: {section} (TrainConfig.{section}; override the preset)"
+            )
+        groups[section].add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            metavar=getattr(tp, "__name__", "VALUE").upper(),
-            help=f"default {f.default!r}",
+            metavar=_metavar(tp),
+            help=_field_help(f, tp),
         )
     return parser
+
+
+def _metavar(tp: typing.Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return "{" + ",".join(args) + "}"
+    if args:  # optional
+        return f"{_metavar(args[0])}|none"
+    return getattr(tp, "__name__", "VALUE").upper()
+
+
+def _field_help(f: dataclasses.Field, tp: typing.Any) -> str:
+    """The field's help line from its metadata, with its default and whether it may change
+    on resume (`%` doubled: argparse formats help strings)."""
+    notes = [f"default {f.default!r}"]
+    if f.metadata["resumable"]:
+        notes.append("may change on resume")
+    return f"{f.metadata['help']} ({'; '.join(notes)})".replace("%", "%%")
 
 
 def resolve_config(args: argparse.Namespace) -> config_lib.TrainConfig:
@@ -113,13 +134,19 @@ def resolve_config(args: argparse.Namespace) -> config_lib.TrainConfig:
     else:
         base = config_lib.preset(args.preset)
     overrides = list(args.set)
-    for f in dataclasses.fields(config_lib.TrainConfig):
+    for _, f, _ in config_lib.config_fields():
         value = getattr(args, f.name)
         if value is not None:
             overrides.append(f"{f.name}={value}")
     if args.no_progress:
         overrides.append("progress=false")
-    return config_lib.apply_overrides(base, overrides)
+    config = config_lib.apply_overrides(base, overrides)
+    # Method names are checked against the registry where methods are resolved (this
+    # imports stackops, hence JAX: after --devices has set XLA's flags).
+    from stackops_harness.methods import check_method_name
+
+    check_method_name(config.method)
+    return config
 
 
 def _has_run(out: Path) -> bool:
