@@ -6,16 +6,6 @@ primitive evaluation and corpus settings), so this module imports nothing but th
 library: the command lines list the preset names before JAX starts. The configs are
 validated where they are made (`stackops_harness.config.preset`, the experiments' plans;
 the harness tests build every preset).
-
-!!! Example
-
-    ```python
-    from stackops_harness.config import TrainConfig
-
-    for spec in (*TRAIN_PRESETS.values(), *(p["train"] for p in MIDAS_PRESETS.values())):
-        TrainConfig(**spec)
-    assert set(LOOPED_PRESETS) == {"smoke", "default"}
-    ```
 """
 
 from __future__ import annotations

@@ -250,3 +250,17 @@ def test_batch_not_divisible_by_the_data_axis_is_rejected(tmp_path):
     )
     assert proc.returncode == 2
     assert "global_batch=12 is not divisible by the data axis (8 devices)" in proc.stderr
+
+
+def test_every_preset_of_every_program_is_a_valid_config():
+    from stackops_harness import presets
+    from stackops_harness.cli import looped, midas
+
+    assert PRESETS is presets.TRAIN_PRESETS
+    assert midas.PRESETS is presets.MIDAS_PRESETS and looped.PRESETS is presets.LOOPED_PRESETS
+    for spec in presets.TRAIN_PRESETS.values():
+        TrainConfig(**spec)
+    for spec in presets.MIDAS_PRESETS.values():
+        TrainConfig(**spec["train"])
+    for spec in presets.LOOPED_PRESETS.values():  # depth and stages come from --k, --loops
+        TrainConfig(**dict(spec["train"], depth=6, stages=3))
