@@ -364,7 +364,10 @@ class RuntimeConfig(_Section):
     unroll: int = _field(
         0, "blocks unrolled per scan iteration (0: all)", resumable=True, compiled=True
     )
-    attention: Attention = _field("auto", "attention core", resumable=True, compiled=True)
+    attention: Attention = _field(
+        "auto", "attention core (auto: the fused CPU kernel, or cuDNN's on GPU, where they "
+        "apply)", resumable=True, compiled=True,
+    )
     fsdp_min_size: int = _field(
         2**14, "shard leaves with at least this many elements over the data axis "
         "(0: replicate all)", resumable=True, compiled=True,

@@ -133,12 +133,13 @@ def _torch_in_subprocess(
     cfg: TrainConfig, steps: int, threads: int, attention: str = "sdpa"
 ) -> float:
     """Seconds per step of `torch_step` measured in a fresh process (after two warm-ups)."""
-    import dataclasses
     import subprocess
+
+    from stackops_harness.config import config_to_dict
 
     payload = json.dumps(
         {
-            "config": dataclasses.asdict(cfg),
+            "config": config_to_dict(cfg),
             "steps": steps,
             "threads": threads,
             "attention": attention,

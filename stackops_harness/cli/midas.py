@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"corpus {data_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
           f"tokens, {meta['synthetic_fraction_actual']:.1%} synthetic ({time.time() - t0:.1f}s)")
     for cfg_key in list(p.configs):
-        p.configs[cfg_key] = dataclasses.replace(p.configs[cfg_key], data_dir=str(data_dir))
+        p.configs[cfg_key] = p.configs[cfg_key].replace(data_dir=str(data_dir))
     write_config(p, meta, argv)
     suite = train_all(p)
     summary, md = Rep.midas_report(p.out, p.methods, p.label, args.seeds, p.configs, suite,

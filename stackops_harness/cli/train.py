@@ -7,7 +7,7 @@
     python experiments/train.py --preset smoke --out runs/x --devices 8   # 8 simulated CPUs
 
 Every field of the config is also a flag (`--total-steps 200`, `--preserve true`), and
-`--set key=value` does the same. A run directory that holds checkpoints is resumed; its
+`--set key=value` (or `--set section.key=value`) does the same. A run directory that holds checkpoints is resumed; its
 config must match (fields that only change logging or saving may differ). Several
 processes: pass `--coordinator host:port --num-processes N --process-id i` to each (see
 docs/training.md).
@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="starting config (default: the run directory's config.json if it exists, else cpu)",
     )
     run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, by its name (depth=8) or as section.field (model.depth=8)",
     )
     run.add_argument("--stop-after", type=int, default=None, help="stop (and save) after N steps")
     run.add_argument("--no-resume", action="store_true", help="refuse a directory with checkpoints")
