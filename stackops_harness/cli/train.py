@@ -7,8 +7,9 @@
     python experiments/train.py --preset smoke --out runs/x --devices 8   # 8 simulated CPUs
 
 Every field of the config is also a flag (`--total-steps 200`, `--preserve true`), and
-`--set key=value` (or `--set section.key=value`) does the same. A run directory that holds checkpoints is resumed; its
-config must match (fields that only change logging or saving may differ). Several
+`--set key=value` (or `--set section.key=value`) does the same; `--help` lists them by
+section. A run directory that holds checkpoints is resumed; its config must match (fields
+that only change logging, saving or execution may differ). Several
 processes: pass `--coordinator host:port --num-processes N --process-id i` to each (see
 docs/training.md).
 """
