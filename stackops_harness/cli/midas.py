@@ -180,6 +180,7 @@ def plan(args: argparse.Namespace) -> Plan:
                 cfg = C.apply_overrides(cfg, args.set)
                 if method != "baseline" and args.ablation:
                     cfg = C.apply_overrides(cfg, args.ablation)
+                check_method_name(cfg.method)  # an override may name another method
             except (ValueError, TypeError) as e:
                 where = "--ablation" if args.ablation and method != "baseline" else "--set"
                 raise SystemExit(f"{method}: {e} (check --steps/--stages/--alpha and {where})"
