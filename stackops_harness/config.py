@@ -459,8 +459,8 @@ class TrainConfig:
     - flat field names (`depth=8`, `lr=1e-3`), which replace that field of its section.
 
     Every field reads by its flat name too (`cfg.depth` is `cfg.model.depth`);
-    [`TrainConfig.replace`][] (or `dataclasses.replace`) makes a changed copy. The fields,
-    with their meaning, are in the sections' tables below and in `stackops-train --help`.
+    [`TrainConfig.replace`][] (or `dataclasses.replace`) makes a changed copy. Each field's
+    meaning is its metadata's `help` ([`config_fields`][], `stackops-train --help`).
 
     !!! Example
 
