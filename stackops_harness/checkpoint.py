@@ -611,7 +611,13 @@ def check_manifest(
             )
         ```
     """
-    diff = config_diff(manifest["config"], config)
+    try:
+        diff = config_diff(manifest["config"], config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointMismatchError(
+            f"The checkpoint in {where} (step {manifest['step']}) holds a config this harness "
+            f"cannot read: {e}"
+        ) from None
     if diff:
         lines = "\n  ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise CheckpointMismatchError(

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import presets as _presets
 from . import primitives as P
 from .tokenizer import encode
 
@@ -46,16 +47,8 @@ DEFAULT_TASK_WEIGHTS = {task: 1.0 / len(P.TASKS) for task in P.TASKS}
 """Equal token shares for every primitive task."""
 
 
-MIX = dict(synthetic_fraction=0.6, task_weights=dict(
-    math=0.35, recall=0.3, varassign_d0=0.15, varassign_d1=0.1, varassign_d2=0.1))
-"""The pretraining mix of `midas.py` and `looped.py`: 60% of the tokens synthetic.
-
-The shares were chosen by the pilot runs recorded in `results/pilots/` (the default
-preset's model and steps, baseline method): math is learned well above its floor; the
-closed-book facts need about a third of the synthetic tokens to rise above theirs;
-variable assignment stays below its floor (it keeps a share, so that a method that learns
-the look-up sooner could show it); induction is left out.
-"""
+# The pretraining mix of midas.py and looped.py is kept with the presets.
+MIX = _presets.MIX
 
 
 def stdlib_sources(max_bytes: int = 20_000_000) -> list[Path]:

@@ -159,9 +159,9 @@ _STEPS: dict[Any, Any] = {}
 
 
 def _step_key(config: TrainConfig, params: Any, static: Any, batch_shape: tuple) -> Any:
-    from .config import config_to_dict
+    from .config import config_to_flat_dict
 
-    cfg = {k: v for k, v in config_to_dict(config).items()
+    cfg = {k: v for k, v in config_to_flat_dict(config).items()
            if k not in ("method", "seed", "data_seed", "progress", "data_dir")}
     shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params))
     return (repr(sorted(cfg.items())), jax.tree.structure(eqx.combine(params, static)),

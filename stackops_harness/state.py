@@ -96,16 +96,7 @@ def lm_config(config: TrainConfig, depth: int) -> LMConfig:
         assert lm_config(preset("smoke"), 1).n_layers == 1
         ```
     """
-    return LMConfig(
-        vocab_size=config.vocab_size,
-        d_model=config.d_model,
-        n_heads=config.n_heads,
-        n_layers=depth,
-        d_ff=config.d_ff,
-        max_len=config.seq_len,
-        norm=config.norm,  # type: ignore[arg-type]
-        pos=config.pos,  # type: ignore[arg-type]
-    )
+    return config.model.lm_config(depth)
 
 
 def build_model(config: TrainConfig, key: jax.Array, depth: int) -> DecoderLM:

@@ -51,7 +51,7 @@ from .checkpoint import (
     make_manifest,
     write_json_atomic,
 )
-from .config import TrainConfig, config_to_dict
+from .config import COMPILED_FIELDS, TrainConfig, config_to_dict
 from .evaluate import EvalSet, make_eval_step
 from .lock import RunLock, RunLockedError
 from .methods import GrowthSchedule, growth_schedule
@@ -152,32 +152,9 @@ def prepare_data(config: TrainConfig) -> Path:
 _CACHE_SIZE = 32
 _EXECUTABLES: OrderedDict[Hashable, Any] = OrderedDict()
 
-# Config fields that do not change what a compiled step or growth computes.
-_NOT_COMPILED = frozenset(
-    {
-        "method",
-        "stages",
-        "alpha",
-        "interp_t",
-        "seed",
-        "data_seed",
-        "data_dir",
-        "eval_every",
-        "eval_batches",
-        "ckpt_every",
-        "keep_checkpoints",
-        "async_checkpoints",
-        "log_every",
-        "progress",
-        "compile_cache",
-    }
-)
-
-
 def _compute_key(config: TrainConfig) -> tuple[Any, ...]:
-    return tuple(
-        (k, v) for k, v in sorted(config_to_dict(config).items()) if k not in _NOT_COMPILED
-    )
+    # The fields whose metadata says they change what a compiled step or growth computes.
+    return tuple((name, getattr(config, name)) for name in sorted(COMPILED_FIELDS))
 
 
 def _signature(sk: Skeleton) -> tuple[Any, ...]:
@@ -278,8 +255,36 @@ def _lock_run_dir(run_dir: Path) -> RunLock:
 # --------------------------------------------------------------------------- the trainer
 
 
+@dataclasses.dataclass
+class _Run:
+    """Where a run stands: what the named steps of `Trainer.run` read and advance."""
+
+    step: int
+    stage: int
+    sk: Skeleton
+    params: Any
+    opt_state: Any
+    growth: list[dict[str, Any]]
+    tokens: int
+    flops: float
+    stop: int
+    window: dict[str, float]
+    pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+    train_step: Any = None
+    eval_step: Any = None
+    val_loss: float | None = None
+    manifest: dict[str, Any] = dataclasses.field(default_factory=dict)  # last saved here
+
+
 class Trainer:
-    """A training run in `run_dir`: set up on construction, trained by [`Trainer.run`][].
+    """A training run in `run_dir`: checked on construction, trained by [`Trainer.run`][].
+
+    The constructor does no I/O: it checks the config, resolves the growth schedule
+    (dry-run on the abstract model, so a method that cannot grow this model fails at once),
+    the mesh and the optimizer. [`Trainer.open`][] (or `with Trainer(...) as trainer:`)
+    takes the run directory's writer's lock, so that a second writer is refused, and opens
+    the token files and the checkpoints; [`Trainer.close`][] releases them. `run()` opens
+    and closes by itself when called on a trainer that is not open.
 
     **Arguments:**
 
@@ -300,11 +305,8 @@ class Trainer:
 
         def train_interpolated(run_dir):
             cfg = preset("smoke", method="custom")
-            trainer = Trainer(cfg, run_dir, op=so.interpolate(block=1, t=0.25))
-            try:
+            with Trainer(cfg, run_dir, op=so.interpolate(block=1, t=0.25)) as trainer:
                 return trainer.run()
-            finally:
-                trainer.close()
         ```
     """
 
@@ -324,32 +326,18 @@ class Trainer:
         self.config = config
         self.sinks = list(sinks)
         self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
         self.is_main = jax.process_index() == 0
+        self.lock: RunLock | None = None
         self.log: MetricsLog | None = None
         self.bar: Progress | None = None
         self.ckpt: Checkpointer | None = None
-        self.lock = _lock_run_dir(self.run_dir)
-        try:
-            self._setup(config, op, on_eval, mesh)
-        except BaseException:
-            self.lock.release()
-            raise
-
-    def _setup(
-        self,
-        config: TrainConfig,
-        op: so.AbstractGrowth | Sequence[so.AbstractGrowth] | None,
-        on_eval: EvalHook | Sequence[EvalHook] | None,
-        mesh: Mesh | None,
-    ) -> None:
         if on_eval is None:
             self.hooks: list[EvalHook] = []
         elif callable(on_eval):
             self.hooks = [on_eval]
         else:
             self.hooks = list(on_eval)
-        _enable_compile_cache(config.compile_cache)
-
         self.schedule: GrowthSchedule = growth_schedule(config, op)
         self.depths = check_schedule(config, self.schedule)
         self.mesh = mesh if mesh is not None else make_mesh()
@@ -358,6 +346,28 @@ class Trainer:
         self.optimizer, self.lr_schedule = make_optimizer(config)
         self.attention, self.attention_fn = run_attention(config, self.mesh)
 
+    # ------------------------------------------------------------------ opening and closing
+
+    def open(self) -> Trainer:
+        """Take the run directory's writer's lock (refused while another writer holds it),
+        then open the token files (building the default corpus on first use), the data
+        iterator, the validation batches and the checkpoints. Returns the trainer; a
+        no-op when it is open already. On any error the lock is released again.
+        """
+        if self.lock is not None:
+            return self
+        self.lock = _lock_run_dir(self.run_dir)
+        try:
+            self._open_files()
+        except BaseException:
+            self.lock.release()
+            self.lock = None
+            raise
+        return self
+
+    def _open_files(self) -> None:
+        config = self.config
+        _enable_compile_cache(config.compile_cache)
         data_dir = prepare_data(config)
         # Verified against meta.json (dtype, length, SHA-256) and the vocabulary; the
         # checkpoint manifest records the hashes, so a resume on other data is refused.
@@ -386,7 +396,37 @@ class Trainer:
             keep=config.keep_checkpoints,
             async_save=config.async_checkpoints,
         )
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def __enter__(self) -> Trainer:
+        return self.open()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_quietly()
+
+    def close(self) -> None:
+        """Finish pending checkpoint writes, close files and release the run directory's
+        lock (safe to call twice; a pending save's error is raised after all that)."""
+        try:
+            if self.bar is not None:
+                self.bar.close()
+            if self.log is not None:
+                self.log.close()
+            if self.ckpt is not None:
+                ckpt, self.ckpt = self.ckpt, None
+                ckpt.close()
+        finally:
+            if self.lock is not None:
+                lock, self.lock = self.lock, None
+                lock.release()
+
+    def _close_quietly(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- the error that stopped the run is the one to report
+            pass
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -512,6 +552,9 @@ class Trainer:
     ) -> TrainResult:
         """Train to `config.total_steps` (or to `stop_after` steps), resuming if possible.
 
+        A trainer that is not open is opened first and closed at the end (also on an
+        error), so the run directory is locked exactly while it trains.
+
         **Arguments:**
 
         - `stop_after`: stop (with a checkpoint) once this many steps are done (a positive
@@ -532,6 +575,42 @@ class Trainer:
                 f"`stop_after` (--stop-after) must be a positive number of steps, got "
                 f"{stop_after!r}; leave it unset to train to total_steps."
             )
+        if self.lock is not None:
+            return self._run(stop_after, resume, resume_from_intact)
+        with self:
+            return self._run(stop_after, resume, resume_from_intact)
+
+    def _run(self, stop_after: int | None, resume: bool, resume_from_intact: bool) -> TrainResult:
+        """The loop: train a step; at its points evaluate, grow and checkpoint."""
+        cfg, sched = self.config, self.schedule
+        run = self._start(stop_after, resume, resume_from_intact)
+        if run.step == 0 and run.stop > 0:
+            self._compile_stage(run)
+            self._evaluate(run)
+        while run.step < run.stop:
+            self._train(run)
+            boundary = run.stage + 1 < sched.num_stages and run.step == sched.starts[run.stage + 1]
+            eval_due = (cfg.eval_every > 0 and run.step % cfg.eval_every == 0) or (
+                run.step == sched.total_steps
+            )
+            ckpt_due = (
+                (cfg.ckpt_every > 0 and run.step % cfg.ckpt_every == 0)
+                or boundary
+                or run.step == run.stop
+            )
+            if run.step % cfg.log_every == 0 or eval_due or ckpt_due:
+                self._flush_train(run)
+            if eval_due:
+                self._evaluate(run)
+            if boundary:
+                self._grow(run)
+            if ckpt_due:
+                self._checkpoint(run)
+        return self._finish(run)
+
+    def _start(self, stop_after: int | None, resume: bool, resume_from_intact: bool) -> _Run:
+        """Resume from the latest checkpoint or initialise stage 1; write config.json and the
+        `start` / `resume` record."""
         assert self.ckpt is not None
         cfg, sched = self.config, self.schedule
         latest = self.ckpt.latest_step()
@@ -597,210 +676,199 @@ class Trainer:
             }
         )
         self.bar = Progress(sched.total_steps, step, enabled=cfg.progress and self.is_main)
-        log, bar, ckpt = self.log, self.bar, self.ckpt  # set up above: never None here
-        assert log is not None and bar is not None and ckpt is not None
-
-        tokens, flops = int(counters["tokens"]), float(counters["flops"])
         total = sched.total_steps
-        stop = total if stop_after is None else max(min(stop_after, total), step)
-        val_loss: float | None = None
-        train_step = eval_step = None
-        pending: list[dict[str, jax.Array]] = []
-        window = {"tokens": 0, "flops": 0.0, "time": self.clock.totals["train"]}
-        manifest: dict[str, Any] = {}  # of the last checkpoint saved by this call
+        return _Run(
+            step=step,
+            stage=stage,
+            sk=sk,
+            params=params,
+            opt_state=opt_state,
+            growth=growth,
+            tokens=int(counters["tokens"]),
+            flops=float(counters["flops"]),
+            stop=total if stop_after is None else max(min(stop_after, total), step),
+            window={"tokens": 0, "flops": 0.0, "time": self.clock.totals["train"]},
+        )
 
-        def model_now() -> Any:
-            return sk.model(params)
+    def _compile_stage(self, run: _Run) -> None:
+        """Compile (or take from the cache) the current stage's train and eval steps."""
+        assert self.log is not None
+        run.train_step, run.eval_step, hit = self._compile(run.sk)
+        seconds = self.clock.lap("compile")
+        self.log.write(
+            {
+                "kind": "compile",
+                "step": run.step,
+                "stage": run.stage + 1,
+                "depth": run.sk.depth,
+                "seconds": seconds,
+                "cached": hit,
+            }
+        )
 
-        def flush_train() -> None:
-            # One device sync per record: per-step values are fetched together.
-            if not pending:
-                self.clock.lap("train")
-                return
-            values = jax.device_get(pending)
-            pending.clear()
+    def _train(self, run: _Run) -> None:
+        """One optimiser step on the next batch (compiling the stage's step first if needed);
+        its metrics stay on the device until `_flush_train`."""
+        assert self.bar is not None and self.ckpt is not None
+        if run.train_step is None:
+            self._compile_stage(run)
+        batch = shard_rows(next(self.train_iter)["tokens"], self.mesh)
+        run.params, run.opt_state, step_metrics = run.train_step(run.params, run.opt_state, batch)
+        run.step += 1
+        flops = self._flops_per_step(run.stage)
+        run.tokens += self.config.tokens_per_step
+        run.flops += flops
+        run.window["tokens"] += self.config.tokens_per_step
+        run.window["flops"] += flops
+        run.pending.append(step_metrics)
+        self.bar.update(1)
+        self.ckpt.check()  # a failed background save stops the run now, not minutes later
+
+    def _flush_train(self, run: _Run) -> None:
+        """Write one `train` record for the steps since the last (one device sync)."""
+        assert self.log is not None and self.bar is not None
+        if not run.pending:
             self.clock.lap("train")
-            losses = [float(v["loss"]) for v in values]
-            dt = self.clock.totals["train"] - window["time"]
-            record = {
-                "kind": "train",
-                "step": step,
-                "stage": stage + 1,
-                "depth": sk.depth,
-                "loss": sum(losses) / len(losses),
-                "loss_last": losses[-1],
-                "grad_norm": float(values[-1]["grad_norm"]),
-                "lr": float(self.lr_schedule(step - 1)),
-                "tokens": tokens,
-                "flops": flops,
-                "tokens_per_s": window["tokens"] / dt if dt > 0 else None,
-                "flops_per_s": window["flops"] / dt if dt > 0 else None,
-                **self.clock.as_record(),
-            }
-            window.update(tokens=0, flops=0.0, time=self.clock.totals["train"])
-            log.write(record)
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(
-                    f"The training loss is {record['loss']} at step {step}; lower TrainConfig.lr "
-                    "or raise warmup_steps."
-                )
-            bar.update(
-                0,
-                loss=record["loss"],
-                stage=f"{stage + 1}/{sched.num_stages}",
-                depth=sk.depth,
-                tok_s=record["tokens_per_s"] or 0.0,
+            return
+        values = jax.device_get(run.pending)
+        run.pending.clear()
+        self.clock.lap("train")
+        losses = [float(v["loss"]) for v in values]
+        loss = sum(losses) / len(losses)
+        dt = self.clock.totals["train"] - run.window["time"]
+        record: dict[str, Any] = {
+            "kind": "train",
+            "step": run.step,
+            "stage": run.stage + 1,
+            "depth": run.sk.depth,
+            "loss": loss,
+            "loss_last": losses[-1],
+            "grad_norm": float(values[-1]["grad_norm"]),
+            "lr": float(self.lr_schedule(run.step - 1)),
+            "tokens": run.tokens,
+            "flops": run.flops,
+            "tokens_per_s": run.window["tokens"] / dt if dt > 0 else None,
+            "flops_per_s": run.window["flops"] / dt if dt > 0 else None,
+            **self.clock.as_record(),
+        }
+        run.window.update(tokens=0, flops=0.0, time=self.clock.totals["train"])
+        self.log.write(record)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"The training loss is {loss} at step {run.step}; lower "
+                "TrainConfig.lr or raise warmup_steps."
             )
+        self.bar.update(
+            0,
+            loss=loss,
+            stage=f"{run.stage + 1}/{self.schedule.num_stages}",
+            depth=run.sk.depth,
+            tok_s=record["tokens_per_s"] or 0.0,
+        )
 
-        def evaluate() -> float:
-            assert eval_step is not None  # compiled at the start of every stage
-            loss = self.eval_set.loss(eval_step, params)
-            record: dict[str, Any] = {
-                "kind": "eval",
-                "step": step,
-                "stage": stage + 1,
-                "depth": sk.depth,
-                "val_loss": loss,
-                "tokens": tokens,
-                "flops": flops,
-            }
-            for hook in self.hooks:
-                extra = hook(step, model_now(), dict(record))
-                if extra:
-                    record.update(extra)
-            log.write({**record, **self.clock.as_record()})
-            bar.write(f"step {step}: stage {stage + 1} depth {sk.depth} val_loss {loss:.4f}")
-            self.clock.lap("eval")
-            return loss
+    def _evaluate(self, run: _Run) -> None:
+        """The validation loss on the fixed batches, the `on_eval` hooks, an `eval` record."""
+        assert self.log is not None and self.bar is not None
+        assert run.eval_step is not None  # compiled at the start of every stage
+        loss = self.eval_set.loss(run.eval_step, run.params)
+        record: dict[str, Any] = {
+            "kind": "eval",
+            "step": run.step,
+            "stage": run.stage + 1,
+            "depth": run.sk.depth,
+            "val_loss": loss,
+            "tokens": run.tokens,
+            "flops": run.flops,
+        }
+        for hook in self.hooks:
+            extra = hook(run.step, run.sk.model(run.params), dict(record))
+            if extra:
+                record.update(extra)
+        self.log.write({**record, **self.clock.as_record()})
+        self.bar.write(
+            f"step {run.step}: stage {run.stage + 1} depth {run.sk.depth} val_loss {loss:.4f}"
+        )
+        self.clock.lap("eval")
+        run.val_loss = loss
 
-        def save() -> dict[str, Any]:
-            man = make_manifest(
-                config=cfg,
-                schedule=sched,
-                step=step,
-                stage=stage,
-                depth=sk.depth,
-                growth=growth,
-                counters={"tokens": tokens, "flops": flops, "time": dict(self.clock.totals)},
-                data_info=self.data_info,
-            )
-            ckpt.save(step, params, opt_state, self.train_iter, man)
-            seconds = self.clock.lap("ckpt")
-            log.write({"kind": "checkpoint", "step": step, "seconds": seconds})
-            return man
+    def _grow(self, run: _Run) -> None:
+        """Grow params and optimizer state into the next stage (one `jit`, shardings kept)."""
+        assert self.log is not None and self.bar is not None
+        sk, next_sk = run.sk, self._skeleton(run.stage + 1)
+        op = self.schedule.ops[run.stage]
+        run.params, run.opt_state = self._grower(sk, next_sk, op)(run.params, run.opt_state)
+        jax.block_until_ready((run.params, run.opt_state))
+        seconds = self.clock.lap("grow")
+        grown = {
+            "step": run.step,
+            "stage": run.stage + 2,
+            "op": repr(op),
+            "depth_from": sk.depth,
+            "depth_to": next_sk.depth,
+            "seconds": seconds,
+        }
+        run.growth.append(grown)
+        self.log.write({"kind": "grow", **grown})
+        self.bar.write(f"step {run.step}: grew {sk.depth} -> {next_sk.depth} blocks with {op!r}")
+        run.stage, run.sk = run.stage + 1, next_sk
+        run.train_step = run.eval_step = None
 
-        def compile_stage() -> tuple[Any, Any]:
-            ts, es, hit = self._compile(sk)
-            seconds = self.clock.lap("compile")
-            log.write(
-                {
-                    "kind": "compile",
-                    "step": step,
-                    "stage": stage + 1,
-                    "depth": sk.depth,
-                    "seconds": seconds,
-                    "cached": hit,
-                }
-            )
-            return ts, es
+    def _checkpoint(self, run: _Run) -> None:
+        """Save params, optimizer and data-iterator state with the manifest (asynchronously
+        where configured)."""
+        assert self.log is not None and self.ckpt is not None
+        manifest = make_manifest(
+            config=self.config,
+            schedule=self.schedule,
+            step=run.step,
+            stage=run.stage,
+            depth=run.sk.depth,
+            growth=run.growth,
+            counters={"tokens": run.tokens, "flops": run.flops, "time": dict(self.clock.totals)},
+            data_info=self.data_info,
+        )
+        self.ckpt.save(run.step, run.params, run.opt_state, self.train_iter, manifest)
+        seconds = self.clock.lap("ckpt")
+        self.log.write({"kind": "checkpoint", "step": run.step, "seconds": seconds})
+        run.manifest = manifest
 
-        if step == 0 and stop > 0:
-            train_step, eval_step = compile_stage()
-            val_loss = evaluate()
-
-        while step < stop:
-            if train_step is None:
-                train_step, eval_step = compile_stage()
-            batch = shard_rows(next(self.train_iter)["tokens"], self.mesh)
-            params, opt_state, step_metrics = train_step(params, opt_state, batch)
-            step += 1
-            tokens += cfg.tokens_per_step
-            flops += self._flops_per_step(stage)
-            window["tokens"] += cfg.tokens_per_step
-            window["flops"] += self._flops_per_step(stage)
-            pending.append(step_metrics)
-            bar.update(1)
-            ckpt.check()  # a failed background save stops the run now, not minutes later
-
-            boundary = stage + 1 < sched.num_stages and step == sched.starts[stage + 1]
-            eval_due = (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == total
-            ckpt_due = (
-                (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0) or boundary or step == stop
-            )
-            if step % cfg.log_every == 0 or eval_due or ckpt_due:
-                flush_train()
-            if eval_due:
-                val_loss = evaluate()
-            if boundary:
-                next_sk = self._skeleton(stage + 1)
-                op = sched.ops[stage]
-                params, opt_state = self._grower(sk, next_sk, op)(params, opt_state)
-                jax.block_until_ready((params, opt_state))
-                seconds = self.clock.lap("grow")
-                grown = {
-                    "step": step,
-                    "stage": stage + 2,
-                    "op": repr(op),
-                    "depth_from": sk.depth,
-                    "depth_to": next_sk.depth,
-                    "seconds": seconds,
-                }
-                growth.append(grown)
-                log.write({"kind": "grow", **grown})
-                bar.write(
-                    f"step {step}: grew {sk.depth} -> {next_sk.depth} blocks with {op!r}"
-                )
-                stage, sk = stage + 1, next_sk
-                train_step = eval_step = None
-            if ckpt_due:
-                manifest = save()
-
-        flush_train()
-        ckpt.wait()
+    def _finish(self, run: _Run) -> TrainResult:
+        """Flush, wait for the saves, write the `end` record and return the result."""
+        assert self.log is not None and self.ckpt is not None
+        self._flush_train(run)
+        self.ckpt.wait()
         self.clock.lap("ckpt")
+        manifest = run.manifest
         if not manifest and self.ckpt.latest_step() is not None:
             manifest = self.ckpt.manifest()
+        val_loss = run.val_loss
         if val_loss is None and self.metrics_path.exists():
             # Nothing evaluated in this call (a finished run resumed): report the last one.
-            evals = [r for r in read_metrics(self.metrics_path, "eval") if r["step"] <= step]
+            evals = [r for r in read_metrics(self.metrics_path, "eval") if r["step"] <= run.step]
             val_loss = evals[-1]["val_loss"] if evals else None
         self.log.write(
             {
                 "kind": "end",
-                "step": step,
-                "stage": stage + 1,
-                "depth": sk.depth,
+                "step": run.step,
+                "stage": run.stage + 1,
+                "depth": run.sk.depth,
                 "val_loss": val_loss,
-                "tokens": tokens,
-                "flops": flops,
+                "tokens": run.tokens,
+                "flops": run.flops,
                 **self.clock.as_record(),
             }
         )
         return TrainResult(
-            model=model_now(),
-            config=cfg,
-            step=step,
-            stage=stage,
-            depth=sk.depth,
+            model=run.sk.model(run.params),
+            config=self.config,
+            step=run.step,
+            stage=run.stage,
+            depth=run.sk.depth,
             val_loss=val_loss,
             run_dir=self.run_dir,
             metrics_path=self.metrics_path,
             manifest=manifest,
         )
-
-    def close(self) -> None:
-        """Finish pending checkpoint writes, close files and release the run directory's
-        lock (safe to call twice; a pending save's error is raised after all that)."""
-        try:
-            if self.bar is not None:
-                self.bar.close()
-            if self.log is not None:
-                self.log.close()
-            if self.ckpt is not None:
-                ckpt, self.ckpt = self.ckpt, None
-                ckpt.close()
-        finally:
-            self.lock.release()
 
 
 def train(
@@ -849,15 +917,7 @@ def train(
         ```
     """
     trainer = Trainer(config, run_dir, op=op, on_eval=on_eval, mesh=mesh, sinks=sinks)
-    try:
-        result = trainer.run(
+    with trainer:
+        return trainer.run(
             stop_after=stop_after, resume=resume, resume_from_intact=resume_from_intact
         )
-    except BaseException:
-        try:
-            trainer.close()
-        except Exception:  # noqa: BLE001 -- the first error is the one to report
-            pass
-        raise
-    trainer.close()
-    return result

@@ -116,14 +116,18 @@ class LMConfig:
                 raise ValueError(f"LMConfig.{name} must be None or a positive integer, got {v!r}.")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
-                f"LMConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}."
+                f"LMConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                f"pick n_heads dividing d_model (e.g. {math.gcd(self.d_model, self.n_heads)})."
             )
         if self.n_heads % self.kv_heads:
             raise ValueError(
                 f"LMConfig: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}."
             )
         if self.pos == "rope" and self.head_size % 2:
-            raise ValueError("LMConfig: rotary positions need an even head dimension.")
+            raise ValueError(
+                f"LMConfig: rotary positions need an even head dimension, got {self.head_size}; "
+                "change n_heads or use pos='learned'."
+            )
         if self.norm not in ("rms", "layer"):
             raise ValueError(f'LMConfig.norm must be "rms" or "layer", got {self.norm!r}.')
         if self.pos not in ("rope", "learned"):

@@ -52,8 +52,8 @@ import jax
 import numpy as np
 
 from stackops.models import flops_per_token
-from stackops_harness.config import TrainConfig, apply_overrides, preset
-from stackops_harness.methods import growth_schedule
+from stackops_harness.config import TrainConfig, apply_overrides, config_to_dict, preset
+from stackops_harness.methods import check_method_name, growth_schedule
 from stackops_harness.metrics import read_metrics
 from stackops_harness.sharding import batch_sharding, make_mesh, shard_rows
 from stackops_harness.state import (
@@ -133,12 +133,11 @@ def _torch_in_subprocess(
     cfg: TrainConfig, steps: int, threads: int, attention: str = "sdpa"
 ) -> float:
     """Seconds per step of `torch_step` measured in a fresh process (after two warm-ups)."""
-    import dataclasses
     import subprocess
 
     payload = json.dumps(
         {
-            "config": dataclasses.asdict(cfg),
+            "config": config_to_dict(cfg),
             "steps": steps,
             "threads": threads,
             "attention": attention,
@@ -578,6 +577,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ],
         )
     cfg = apply_overrides(cfg, args.set)
+    try:  # every method named, before any benchmark runs
+        for method in {cfg.method, *args.methods.split(",")}:
+            check_method_name(method)
+    except ValueError as e:
+        raise SystemExit(f"stackops-bench-train: --methods/--set: {e}") from None
     if args.single_thread:
         args.threads = 1
     skip = set(filter(None, args.skip.split(",")))

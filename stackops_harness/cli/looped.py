@@ -36,25 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from stackops_harness import require_extras
-from stackops_harness.cli.midas import EVAL_TASKS
-from stackops_harness.corpus import MIX, corpus_dir
+from stackops_harness.corpus import corpus_dir
+from stackops_harness.presets import LOOPED_PRESETS
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(
-        train=dict(d_model=32, n_heads=2, seq_len=64, global_batch=8, total_steps=40,
-                   warmup_steps=4, eval_every=20, eval_batches=2, ckpt_every=0, log_every=10,
-                   keep_checkpoints=1),
-        prim=dict(tasks=EVAL_TASKS, n_eval=16, ft_steps=4, ft_runs=2, ft_batch=8),
-        corpus=dict(MIX, max_mb=2.0),
-    ),
-    "default": dict(
-        train=dict(d_model=64, n_heads=4, seq_len=128, global_batch=16, total_steps=1000,
-                   warmup_steps=50, eval_every=250, eval_batches=8, ckpt_every=0,
-                   log_every=25, keep_checkpoints=1),
-        prim=dict(tasks=EVAL_TASKS, n_eval=500, ft_steps=40, ft_runs=3, ft_batch=16),
-        corpus=dict(MIX, max_mb=20.0),
-    ),
-}
+PRESETS: dict[str, dict[str, Any]] = LOOPED_PRESETS  # stackops_harness.presets
 
 
 MODELS = ("looped", "iso-param", "iso-flop")

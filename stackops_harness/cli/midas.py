@@ -32,48 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stackops_harness import presets as _presets
 from stackops_harness import require_extras
-from stackops_harness.corpus import MIX, corpus_dir
+from stackops_harness.corpus import corpus_dir
 from stackops_harness.paths import data_root
 
-EVAL_TASKS = ("varassign_d0", "varassign_d1", "varassign_d2", "math", "recall")
-"""The tasks scored by default: those of the pretraining mix (`MIX`); induction is not in it."""
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # About a minute: a tiny model, 3 stages; numbers mean nothing, the pipeline is exercised.
-    "smoke": dict(
-        train=dict(
-            d_model=32, n_heads=2, depth=3, stages=3, seq_len=64, global_batch=8,
-            total_steps=60, warmup_steps=6, lr=3e-3, eval_every=20, eval_batches=2,
-            ckpt_every=0, log_every=10, keep_checkpoints=1,
-        ),
-        prim=dict(tasks=EVAL_TASKS, n_eval=16, greedy_n=8, ft_steps=4, ft_runs=2, ft_batch=8),
-        corpus=dict(MIX, max_mb=2.0),
-    ),
-    # Training measured at ~9 min per seed for the three methods on 2 quiet CPU cores; the
-    # primitive evaluation (last 3 evaluations, 500 prompts per task) adds its share,
-    # reported per run as "eval share".
-    "default": dict(
-        train=dict(
-            d_model=64, n_heads=4, depth=6, stages=6, seq_len=128, global_batch=16,
-            total_steps=1500, warmup_steps=60, lr=3e-3, eval_every=150, eval_batches=8,
-            ckpt_every=0, log_every=25, keep_checkpoints=1,
-        ),
-        prim=dict(tasks=EVAL_TASKS, n_eval=500, ft_steps=40, ft_runs=3, ft_batch=16),
-        corpus=dict(MIX, max_mb=20.0),
-    ),
-    # An accelerator: 118M parameters at the final depth (24 layers of width 640), bf16.
-    "gpu": dict(
-        train=dict(
-            d_model=640, n_heads=10, depth=24, stages=6, seq_len=512, global_batch=64,
-            total_steps=20000, warmup_steps=500, lr=1e-3, eval_every=1000, eval_batches=16,
-            eval_batch=32, ckpt_every=2000, log_every=50, compute_dtype="bfloat16",
-        ),
-        prim=dict(tasks=EVAL_TASKS, n_eval=1000, ft_steps=100, ft_runs=3, ft_batch=32,
-                  max_len=512),
-        corpus=dict(MIX, max_mb=20.0),
-    ),
-}
+EVAL_TASKS = _presets.EVAL_TASKS
+PRESETS: dict[str, dict[str, Any]] = _presets.MIDAS_PRESETS  # stackops_harness.presets
 
 METHODS = ("baseline", "gradstack", "midas")
 
@@ -215,6 +180,7 @@ def plan(args: argparse.Namespace) -> Plan:
                 cfg = C.apply_overrides(cfg, args.set)
                 if method != "baseline" and args.ablation:
                     cfg = C.apply_overrides(cfg, args.ablation)
+                check_method_name(cfg.method)  # an override may name another method
             except (ValueError, TypeError) as e:
                 where = "--ablation" if args.ablation and method != "baseline" else "--set"
                 raise SystemExit(f"{method}: {e} (check --steps/--stages/--alpha and {where})"
@@ -242,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"corpus {data_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
           f"tokens, {meta['synthetic_fraction_actual']:.1%} synthetic ({time.time() - t0:.1f}s)")
     for cfg_key in list(p.configs):
-        p.configs[cfg_key] = dataclasses.replace(p.configs[cfg_key], data_dir=str(data_dir))
+        p.configs[cfg_key] = p.configs[cfg_key].replace(data_dir=str(data_dir))
     write_config(p, meta, argv)
     suite = train_all(p)
     summary, md = Rep.midas_report(p.out, p.methods, p.label, args.seeds, p.configs, suite,

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from stackops_harness import reasoning as R
     from stackops_harness.cli.midas import PRESETS, parse_task_weights
     from stackops_harness.corpus import MIX, build_mixed_corpus, corpus_dir
+    from stackops_harness.methods import check_method_name
     from stackops_harness.paths import data_root
     from stackops_harness.trainer import train
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = train_cfg["total_steps"]
     train_cfg["eval_every"] = steps // args.evals
     cfg = C.apply_overrides(C.TrainConfig(**train_cfg), args.set)
+    check_method_name(cfg.method)  # before any training
     suite = R.PrimitiveSuite(R.PrimitiveEvalConfig(n_eval=args.n_eval, max_len=cfg.seq_len))
     points: list[dict[str, Any]] = []
 

@@ -7,8 +7,9 @@
     python experiments/train.py --preset smoke --out runs/x --devices 8   # 8 simulated CPUs
 
 Every field of the config is also a flag (`--total-steps 200`, `--preserve true`), and
-`--set key=value` does the same. A run directory that holds checkpoints is resumed; its
-config must match (fields that only change logging or saving may differ). Several
+`--set key=value` (or `--set section.key=value`) does the same; `--help` lists them by
+section. A run directory that holds checkpoints is resumed; its config must match (fields
+that only change logging, saving or execution may differ). Several
 processes: pass `--coordinator host:port --num-processes N --process-id i` to each (see
 docs/training.md).
 """
@@ -54,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="starting config (default: the run directory's config.json if it exists, else cpu)",
     )
     run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, by its name (depth=8) or as section.field (model.depth=8)",
     )
     run.add_argument("--stop-after", type=int, default=None, help="stop (and save) after N steps")
     run.add_argument("--no-resume", action="store_true", help="refuse a directory with checkpoints")
@@ -71,17 +76,38 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--coordinator", default=None, help="host:port of process 0, or 'auto'")
     dist.add_argument("--num-processes", type=int, default=None)
     dist.add_argument("--process-id", type=int, default=None)
-    fields = parser.add_argument_group("config fields (override the preset)")
-    for f in dataclasses.fields(config_lib.TrainConfig):
-        tp = typing.get_type_hints(config_lib.TrainConfig)[f.name]
-        fields.add_argument(
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section, f, tp in config_lib.config_fields():
+        if section not in groups:
+            groups[section] = parser.add_argument_group(
+                f"config: {section} (TrainConfig.{section}; override the preset)"
+            )
+        groups[section].add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            metavar=getattr(tp, "__name__", "VALUE").upper(),
-            help=f"default {f.default!r}",
+            metavar=_metavar(tp),
+            help=_field_help(f, tp),
         )
     return parser
+
+
+def _metavar(tp: typing.Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return "{" + ",".join(args) + "}"
+    if args:  # optional
+        return f"{_metavar(args[0])}|none"
+    return getattr(tp, "__name__", "VALUE").upper()
+
+
+def _field_help(f: dataclasses.Field, tp: typing.Any) -> str:
+    """The field's help line from its metadata, with its default and whether it may change
+    on resume (`%` doubled: argparse formats help strings)."""
+    notes = [f"default {f.default!r}"]
+    if f.metadata["resumable"]:
+        notes.append("may change on resume")
+    return f"{f.metadata['help']} ({'; '.join(notes)})".replace("%", "%%")
 
 
 def resolve_config(args: argparse.Namespace) -> config_lib.TrainConfig:
@@ -113,13 +139,19 @@ def resolve_config(args: argparse.Namespace) -> config_lib.TrainConfig:
     else:
         base = config_lib.preset(args.preset)
     overrides = list(args.set)
-    for f in dataclasses.fields(config_lib.TrainConfig):
+    for _, f, _ in config_lib.config_fields():
         value = getattr(args, f.name)
         if value is not None:
             overrides.append(f"{f.name}={value}")
     if args.no_progress:
         overrides.append("progress=false")
-    return config_lib.apply_overrides(base, overrides)
+    config = config_lib.apply_overrides(base, overrides)
+    # Method names are checked against the registry where methods are resolved (this
+    # imports stackops, hence JAX: after --devices has set XLA's flags).
+    from stackops_harness.methods import check_method_name
+
+    check_method_name(config.method)
+    return config
 
 
 def _has_run(out: Path) -> bool:

@@ -40,6 +40,7 @@ from stackops_harness.checkpoint import (
     check_manifest,
     load_checkpoint,
 )
+from stackops_harness.config import config_from_dict
 from stackops_harness.methods import growth_schedule
 from stackops_harness.metrics import read_metrics
 from stackops_harness.sharding import make_mesh
@@ -215,10 +216,48 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_arrays(tmp_path):
     # model under this config): the arrays are checked before anything is restored.
     for step in (30, 40):
         _rewrite_manifest(
-            run_dir / "checkpoints" / str(step), lambda m: m["config"].update(d_model=64)
+            run_dir / "checkpoints" / str(step), lambda m: m["config"]["model"].update(d_model=64)
         )
     with pytest.raises(CheckpointMismatchError, match=r"embed: saved \(256, 32\).*\(256, 64\)"):
         train(smoke(d_model=64), run_dir)
+
+
+# The config.json of a smoke run as the harness wrote it before the config had sections
+# (format 1: one key per field, no "format" key), as written into config.json and into
+# every checkpoint's manifest.
+_FLAT_SMOKE_CONFIG = {
+    "alpha": 1.0, "async_checkpoints": True, "attention": "auto", "b1": 0.9, "b2": 0.95,
+    "ckpt_every": 10, "compile_cache": "", "compute_dtype": "float32", "d_ff": None,
+    "d_model": 32, "data_dir": "", "data_seed": 0, "depth": 4, "eval_batch": None,
+    "eval_batches": 2, "eval_every": 10, "fsdp_min_size": 16384, "global_batch": 8,
+    "grad_clip": 1.0, "interp_t": 0.5, "keep_checkpoints": 2, "log_every": 1, "lr": 0.003,
+    "method": "midas", "min_lr_ratio": 0.1, "n_heads": 2, "norm": "rms", "opt_policy": "copy",
+    "pos": "rope", "preserve": False, "progress": False, "seed": 0, "seq_len": 32, "stages": 4,
+    "total_steps": 40, "unroll": 0, "vocab_size": 256, "warmup_steps": 4, "weight_decay": 0.1,
+}
+
+
+def test_a_run_saved_in_the_flat_config_format_resumes_bit_for_bit(tmp_path):
+    result, final = reference_run()
+    run_dir = _copy_reference(tmp_path, steps=(20,))
+    flat = dict(_FLAT_SMOKE_CONFIG, data_dir=str(token_dir()))
+    (run_dir / "config.json").write_text(json.dumps({**flat, "provenance": {"git": None}}))
+    _rewrite_manifest(run_dir / "checkpoints" / "20", lambda m: m.update(config=flat))
+    # As `stackops-train --out RUN` does: the config from config.json, then resume.
+    config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    assert config == result.config.replace(keep_checkpoints=2)
+    resumed = train(config, run_dir)
+    assert resumed.step == 40 and val_losses(resumed.metrics_path) == val_losses(
+        result.metrics_path
+    )
+    for a, b in zip(params_of(resumed.model), final, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A flat manifest of another config is still refused, naming the field.
+    other = dict(flat, lr=1e-3)
+    step_dir = run_dir / "checkpoints" / "40"
+    _rewrite_manifest(step_dir, lambda m: m.update(config=other))
+    with pytest.raises(CheckpointMismatchError, match=r"lr: checkpoint 0.001, now 0.003"):
+        train(config, run_dir)
 
 
 def test_edited_manifests_are_refused_naming_the_step_and_the_fix(tmp_path):

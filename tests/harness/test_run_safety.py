@@ -14,7 +14,7 @@ from harness_support import ROOT, reference_run, smoke, smoke_cli_args, subproce
 from stackops_harness.checkpoint import CheckpointError
 from stackops_harness.cli import train as train_cli
 from stackops_harness.lock import RunLock, RunLockedError, lock_holder
-from stackops_harness.trainer import train
+from stackops_harness.trainer import Trainer, train
 
 _HOLD = (
     "import sys, time; from stackops_harness.lock import RunLock; "
@@ -59,6 +59,31 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_ta
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
             RunLock(run_dir).acquire()  # in the same process, too
     RunLock(run_dir).acquire().release()
+
+
+def test_the_trainer_locks_the_run_directory_only_while_it_is_open(tmp_path):
+    run_dir = tmp_path / "run"
+    trainer = Trainer(smoke(total_steps=8, ckpt_every=0), run_dir)
+    assert not run_dir.exists() and trainer.lock is None  # no I/O on construction
+    with trainer:
+        assert lock_holder(run_dir)["pid"] == os.getpid()
+        # A second writer on the same directory is refused while this one is open.
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            Trainer(smoke(total_steps=8, ckpt_every=0), run_dir).run()
+        result = trainer.run(stop_after=4)
+        assert result.step == 4 and trainer.lock is not None
+    RunLock(run_dir).acquire().release()  # released on exit
+    # run() on a trainer that is not open opens and closes by itself, also on an error.
+    failing = Trainer(smoke(total_steps=8, ckpt_every=0), run_dir, on_eval=_raise)
+    with pytest.raises(RuntimeError, match="hook failed"):
+        failing.run()
+    assert failing.lock is None
+    RunLock(run_dir).acquire().release()
+    assert Trainer(smoke(total_steps=8, ckpt_every=0), run_dir).run().step == 8
+
+
+def _raise(step, model, record):
+    raise RuntimeError("hook failed")
 
 
 def test_racing_for_a_stale_lock_lets_exactly_one_writer_win(tmp_path):
@@ -117,7 +142,8 @@ def test_a_failing_save_stops_the_run_within_seconds(tmp_path):
             ckpts.write_text("")
             broken_at["t"] = time.perf_counter()
 
-    with pytest.raises(CheckpointError, match=r"(?s)checkpoint.* in .*checkpoints.* failed.*writable"):
+    failed = r"(?s)checkpoint.* in .*checkpoints.* failed.*writable"
+    with pytest.raises(CheckpointError, match=failed):
         train(smoke(), run_dir, on_eval=sabotage, stop_after=12)
     seconds = time.perf_counter() - broken_at["t"]
     print(f"failed save reported after {seconds:.3f} s")
