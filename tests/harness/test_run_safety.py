@@ -117,7 +117,8 @@ def test_a_failing_save_stops_the_run_within_seconds(tmp_path):
             ckpts.write_text("")
             broken_at["t"] = time.perf_counter()
 
-    with pytest.raises(CheckpointError, match=r"(?s)checkpoint.* in .*checkpoints.* failed.*writable"):
+    failed = r"(?s)checkpoint.* in .*checkpoints.* failed.*writable"
+    with pytest.raises(CheckpointError, match=failed):
         train(smoke(), run_dir, on_eval=sabotage, stop_after=12)
     seconds = time.perf_counter() - broken_at["t"]
     print(f"failed save reported after {seconds:.3f} s")
