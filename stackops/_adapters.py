@@ -214,7 +214,9 @@ class _PenzaiSequential(AbstractLayerAdapter):
         return [
             _plain(
                 jax.tree.map(
-                    lambda a, i=i: a[{axis: i}] if is_named(a) and axis in a.named_shape else a,
+                    lambda a, i=i: _named_op(lambda x: x[{axis: i}], a)
+                    if is_named(a) and axis in a.named_shape
+                    else a,
                     frozen.stacked_sublayers,
                     is_leaf=is_named,
                 )
@@ -228,10 +230,13 @@ class _PenzaiSequential(AbstractLayerAdapter):
         if not isinstance(layers, list):
             raise TypeError("penzai adapter: expected a list of layers.")  # pragma: no cover
         layers = [_unplain(layer) for layer in layers]
+        # Mutable in, mutable out; a frozen tree (`pz.freeze_variables(model)`, or an optax
+        # state built on one) stays frozen, so a grown state keeps the optimizer's types.
+        finish = _unfreeze if _has_mutable_variables(container) else (lambda t: t)
         if isinstance(container, pz.nn.Sequential):
             used: set[Any] = set()
             relabelled = [_relabel(layer, used) for layer in layers]
-            return _unfreeze(pz.nn.Sequential(relabelled))
+            return finish(pz.nn.Sequential(relabelled))
         axis = container.stack_axis
         is_named = lambda x: isinstance(x, pz.nx.NamedArrayBase)
         frozen = pz.freeze_variables(container)
@@ -242,18 +247,28 @@ class _PenzaiSequential(AbstractLayerAdapter):
                 is_leaf=is_named,
             )
         )
-        leaves_per_layer = [jax.tree.leaves(layer, is_leaf=is_named) for layer in layers]
+        per_layer = [jax.tree.leaves(layer, is_leaf=is_named) for layer in layers]
         treedef = jax.tree.structure(layers[0], is_leaf=is_named)
         stacked = [
-            pz.nx.stack([lay[k] for lay in leaves_per_layer], axis) if has else column[0]
-            for k, (has, column) in enumerate(zip(has_axis, zip(*leaves_per_layer)))
+            _named_op(lambda *xs: pz.nx.stack(list(xs), axis), *(lay[k] for lay in per_layer))
+            if has
+            else column[0]
+            for k, (has, column) in enumerate(zip(has_axis, zip(*per_layer)))
         ]
         new = dataclasses.replace(
             frozen,
             stacked_sublayers=jax.tree.unflatten(treedef, stacked),
             stack_axis_size=len(layers),
         )
-        return _unfreeze(new)
+        return finish(new)
+
+
+def _named_op(fn: Any, *arrays: Any) -> Any:
+    """`fn(*arrays)` on penzai NamedArrays, also when they hold `jax.ShapeDtypeStruct`s
+    (the abstract parameters `grow_opt_state` works with): then through `jax.eval_shape`."""
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(arrays)):
+        return jax.eval_shape(fn, *arrays)
+    return fn(*arrays)
 
 
 class _Labelled:
@@ -325,6 +340,12 @@ def _relabel(layer: Any, used: set[Any]) -> Any:
     return (
         pz.select(layer).at_instances_of(pz.AbstractVariableValue).apply(fresh)
     )
+
+
+def _has_mutable_variables(tree: Any) -> bool:
+    from penzai import pz
+
+    return bool(pz.select(tree).at_instances_of(pz.AbstractVariable).count())
 
 
 def _unfreeze(tree: Any) -> Any:

@@ -151,8 +151,38 @@ def view_of(container: Any, *, axis: int = 0, argname: str = "where") -> LayerVi
             f"Point `{argname}` at the container of the layers (e.g. `lambda m: m.blocks`), or "
             "wrap a lone stacked array in stackops.Stack."
         )
+    refuse_penzai_named_arrays(container, argname)
     axis_depth(container, axis, argname=argname)
     return LayerView("axis", container, axis=axis)
+
+
+def refuse_penzai_named_arrays(container: Any, argname: str) -> None:
+    """penzai arrays name their axes; a positional "layer axis" of one means nothing.
+
+    Outside a `Sequential`/`LayerStack` (which the adapter handles), a pytree of penzai
+    `NamedArray`s -- typically an optax state keyed by parameter labels -- would otherwise
+    be grown along whatever axis happens to come first, silently, whenever the sizes agree.
+    """
+    import sys
+
+    if "penzai" not in sys.modules:
+        return
+    from penzai import pz
+
+    named = [
+        x
+        for x in jax.tree.leaves(container, is_leaf=lambda x: isinstance(x, pz.nx.NamedArrayBase))
+        if isinstance(x, pz.nx.NamedArrayBase)
+    ]
+    if named:
+        raise TypeError(
+            f"`{argname}` points at a {type(container).__name__} of penzai NamedArrays that is "
+            "not a penzai Sequential or LayerStack: its arrays have no positional layer axis, "
+            f"so there are no layers to grow. Point `{argname}` at the Sequential/LayerStack of "
+            "blocks. An optax state keyed by parameter labels cannot be grown: build the state "
+            "on `pz.freeze_variables(model)` (it then mirrors the model and grows with it), or "
+            "re-initialise it for the grown model."
+        )
 
 
 def rebuild(container: Any, view: LayerView) -> Any:

@@ -20,6 +20,7 @@ from ._apply import (
     grow_view,
     make_plan,
     rebuild,
+    refuse_penzai_named_arrays,
     replace_at,
     view_of,
 )
@@ -318,6 +319,7 @@ def _state_view(container: Any, axis: int) -> LayerView:
     """A view of a state subtree's layers (leaves may lack the layer axis: no depth check)."""
     if isinstance(container, (list, tuple, Stack)) or not _plain_pytree(container):
         return view_of(container, axis=axis, argname="where")
+    refuse_penzai_named_arrays(container, "where")
     return LayerView("axis", container, axis=axis)
 
 

@@ -299,6 +299,60 @@ def test_penzai_copies_get_fresh_unique_labels():
     assert old < set(labels)
 
 
+@_need("penzai")
+@pytest.mark.parametrize("make", [penzai_sequential, penzai_layer_stack])
+def test_penzai_state_on_frozen_variables_grows_with_the_model(make):
+    """An optax state built on `pz.freeze_variables(model)` mirrors the model: it grows with
+    it, stays frozen (the optimizer's types), carries the copied layers' moments, and fits
+    the grown model's frozen variables for the next update."""
+    from penzai import pz
+
+    model = make(3).model
+    op = so.middle_stack(block=1)
+    frozen = pz.freeze_variables(model)
+    opt = optax.adam(1e-3)
+    state = opt.init(frozen)
+    grads = jax.tree.map(lambda x: x * 0 + 1.0, frozen)
+    _, state = opt.update(grads, state, frozen)
+    grown_model = so.grow(model, op, where=lambda m: m)
+    grown_frozen = pz.freeze_variables(grown_model)
+    for kw in ({"params": frozen}, {}):
+        grown = so.grow_opt_state(opt, state, op, where=lambda s: s, **kw)
+        assert jax.tree.structure(grown) == jax.tree.structure(opt.init(grown_frozen))
+        assert not pz.select(grown).at_instances_of(pz.AbstractVariable).count()
+        mu_in, mu_out = state[0].mu, grown[0].mu
+        per_in = (
+            [jax.tree.leaves(layer) for layer in mu_in.sublayers]
+            if isinstance(mu_in, pz.nn.Sequential)
+            else [[np.asarray(x) for x in jax.tree.leaves(mu_in)]]
+        )
+        if isinstance(mu_in, pz.nn.Sequential):
+            sources = op.plan(3).sources()
+            for i, src in enumerate(sources):
+                for a, b in zip(jax.tree.leaves(mu_out.sublayers[i]), per_in[src]):
+                    np.testing.assert_array_equal(a, b)
+        else:
+            assert mu_out.stack_axis_size == 4
+        opt.update(jax.tree.map(lambda x: x * 0 + 1.0, grown_frozen), grown, grown_frozen)
+    # Growing the frozen model keeps it frozen too.
+    assert not pz.select(so.grow(frozen, op, where=lambda m: m)).at_instances_of(
+        pz.AbstractVariable).count()
+
+
+@_need("penzai")
+def test_a_penzai_state_keyed_by_labels_is_refused_not_grown_along_a_named_axis():
+    """A dict of penzai NamedArrays (optax on `{label: value}`) has no positional layer axis:
+    even when every array's first axis happens to agree it is refused, never grown."""
+    from penzai import pz
+
+    state = {f"block{i}.w": pz.nx.wrap(jnp.full((3, 4), float(i)), "a", "b") for i in range(3)}
+    with pytest.raises(TypeError, match="penzai NamedArrays.*freeze_variables"):
+        so.grow(state, so.middle_stack(block=1), where=lambda s: s)
+    opt = optax.adam(1e-3)
+    with pytest.raises(TypeError, match="keyed by parameter labels"):
+        so.grow_opt_state(opt, opt.init(state), so.middle_stack(block=1), where=lambda s: s)
+
+
 def test_stack_and_unstack_with_a_layer_axis_round_trip():
     layers = [{"w": jnp.full((2, 3), float(i))} for i in range(4)]
     t = so.stack(layers, axis=1)
