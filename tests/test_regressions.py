@@ -191,17 +191,17 @@ def test_stack_refuses_per_layer_non_array_fields_instead_of_keeping_layer_0s():
 @pytest.mark.parametrize(
     "call,exc,match",
     [
-        (lambda: so.middle_stack(block=np.int64(2)).plan(np.int64(4)), None, None),
-        (lambda: so.prop_schedule(np.int64(100), np.int64(4)), None, None),
-        (lambda: so.layer_map([np.int64(0), [(np.int32(0), 0.5), (0, 0.5)]]).plan(1), None, None),
-        (lambda: so.layer_map([0.5]), TypeError, "sources\\[0\\]"),
-        (lambda: so.layer_map(["a"]), TypeError, "sources\\[0\\]"),
-        (lambda: so.layer_map([[(0, "w")]]), TypeError, "weight"),
+        (lambda: so.middle_stack(block=np.int64(2)).plan(np.int64(4)), None, None),  # type: ignore[arg-type, list-item]
+        (lambda: so.prop_schedule(np.int64(100), np.int64(4)), None, None),  # type: ignore[arg-type, list-item]
+        (lambda: so.layer_map([np.int64(0), [(np.int32(0), 0.5), (0, 0.5)]]).plan(1), None, None),  # type: ignore[arg-type, list-item]
+        (lambda: so.layer_map([0.5]), TypeError, "sources\\[0\\]"),  # type: ignore[arg-type, list-item]
+        (lambda: so.layer_map(["a"]), TypeError, "sources\\[0\\]"),  # type: ignore[arg-type, list-item]
+        (lambda: so.layer_map([[(0, "w")]]), TypeError, "weight"),  # type: ignore[arg-type, list-item]
         (lambda: so.layer_map([[(0, float("nan"))]]).plan(1), ValueError, "finite"),
         (lambda: so.layer_map([[(0, float("inf"))]]).plan(1), ValueError, "finite"),
-        (lambda: so.middle_stack(1).plan(depth=2.0), TypeError, "depth"),
+        (lambda: so.middle_stack(1).plan(depth=2.0), TypeError, "depth"),  # type: ignore[arg-type, list-item]
         (lambda: so.Plan(1, (so.Keep(0),), (3,)), ValueError, "order"),
-        (lambda: so.Plan(1, (so.Keep(0),), ("a",)), TypeError, "order"),
+        (lambda: so.Plan(1, (so.Keep(0),), ("a",)), TypeError, "order"),  # type: ignore[arg-type, list-item]
         (lambda: so.prop_schedule(100, 3, alpha=float("inf")), ValueError, "finite"),
         (lambda: so.stage_at(0, ()), ValueError, "empty"),
     ],

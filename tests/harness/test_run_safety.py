@@ -30,7 +30,7 @@ def _holder(run_dir) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout.readline().strip() == "locked"
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
     return proc
 
 
