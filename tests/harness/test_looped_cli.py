@@ -10,8 +10,8 @@ from stackops_harness.cli import looped
 def test_looped_smoke_with_two_seeds_reports_paired_comparisons(tmp_path):
     out = tmp_path / "looped"
     summary = looped.main(["--preset", "smoke", "--seeds", "2", "--looped-lr", "0.006",
-                           "--lr", "0.004", "--models", "looped,iso-param", "--no-finetune", "--no-progress",
-                           "--out", str(out)])
+                           "--lr", "0.004", "--models", "looped,iso-param", "--no-finetune",
+                           "--no-progress", "--out", str(out)])
     runs = summary["runs"]
     assert set(runs) == {"looped (2⊗3)", "iso-param (2 layers)"}
     assert all(set(r) == {"0", "1"} for r in runs.values())
@@ -32,8 +32,8 @@ def test_looped_smoke_with_two_seeds_reports_paired_comparisons(tmp_path):
     assert "Paired by seed" in report and "ddof=1" in report
     # A second call reuses the finished runs and reports the same numbers.
     again = looped.main(["--preset", "smoke", "--seeds", "2", "--looped-lr", "0.006",
-                         "--lr", "0.004", "--models", "looped,iso-param", "--no-finetune", "--no-progress",
-                         "--out", str(out)])
+                         "--lr", "0.004", "--models", "looped,iso-param", "--no-finetune",
+                         "--no-progress", "--out", str(out)])
     assert again["comparisons"] == summary["comparisons"]
 
 
