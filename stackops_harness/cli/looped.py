@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--looped-lr", type=float, default=None,
                    help="peak learning rate of the looped model only (default: the preset's, "
                    "as the untied models); choose it with a sweep: --models looped --seeds 1")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the untied models (default: the preset's); "
+                   "their run directories are then tagged with it")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--out", type=Path, default=None)
@@ -71,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--k must be >= 1 and --loops >= 2")
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
-    if args.looped_lr is not None and not (math.isfinite(args.looped_lr) and args.looped_lr > 0):
-        raise SystemExit(f"--looped-lr must be a positive finite number, got {args.looped_lr}")
+    for flag, value in (("--looped-lr", args.looped_lr), ("--lr", args.lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise SystemExit(f"{flag} must be a positive finite number, got {value}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models:
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     preset = PRESETS[args.preset]
     k, L = args.k, args.loops
-    lr = C.TrainConfig().lr if "lr" not in preset["train"] else preset["train"]["lr"]
+    lr = args.lr if args.lr is not None else preset["train"].get("lr", C.TrainConfig().lr)
     looped_lr = args.looped_lr if args.looped_lr is not None else lr
     names = {"looped": f"looped ({k}⊗{L})", "iso-param": f"iso-param ({k} layers)",
              "iso-flop": f"iso-FLOP ({k * L} layers)"}
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return C.TrainConfig(**dict(common, method="custom", depth=k * L, stages=L,
                                         alpha=30.0, lr=looped_lr))
         depth = k if model == "iso-param" else k * L
-        return C.TrainConfig(**dict(common, method="baseline", depth=depth, stages=1))
+        return C.TrainConfig(**dict(common, method="baseline", depth=depth, stages=1, lr=lr))
 
     # Every argument is checked (configs built) before the corpus or any training.
     for m in models:
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = list(range(args.seeds))
 
     def run_dir(model: str, seed: int) -> Path:
-        tag = "" if model != "looped" or args.looped_lr is None else f"-lr{looped_lr:g}"
+        given = args.looped_lr if model == "looped" else args.lr
+        tag = "" if given is None else f"-lr{given:g}"
         return out / f"{model}{tag}-seed{seed}"
 
     (out / "config.json").write_text(json.dumps(
