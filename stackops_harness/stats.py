@@ -21,6 +21,7 @@ from scipy import stats as _st
 __all__ = [
     "Paired",
     "paired",
+    "paired_at_equal_loss",
     "verdict",
     "mean_sd",
     "t_quantile",
@@ -81,13 +82,14 @@ class Paired:
     t: float
     p: float
     seeds: tuple[int, ...]
+    ddof: int = 1
 
     def summary(self, digits: int = 3) -> str:
-        """`"+0.012 [95% CI -0.003, +0.027], p = 0.11, SD 0.015, n = 8"`."""
+        """`"+0.012 [95% CI -0.003, +0.027], p = 0.11, SD 0.015 (ddof=1), n = 8"`."""
         f = f"{{:+.{digits}f}}"
         return (f"{f.format(self.mean)} [{self.level:.0%} CI {f.format(self.ci[0])}, "
                 f"{f.format(self.ci[1])}], p = {self.p:.2g}, SD {self.sd:.{digits}f} "
-                f"(ddof=1), n = {self.n}")
+                f"(ddof={self.ddof}), n = {self.n}")
 
 
 def paired(
@@ -141,6 +143,58 @@ def paired(
         t = mean / se
         p = float(2.0 * _st.t.sf(abs(t), n - 1))
     return Paired(n, mean, sd, se, (mean - half, mean + half), level, t, p, seeds)
+
+
+def paired_at_equal_loss(
+    d_acc: dict[int, float], d_loss: dict[int, float], *, level: float = 0.95
+) -> Paired:
+    """The paired accuracy difference `a - b` at equal validation loss, by regression.
+
+    Per seed `s`, `d_acc[s]` is run a's accuracy minus run b's and `d_loss[s]` their
+    validation-loss difference. Fitting `d_acc = c + slope * d_loss` by least squares (a
+    paired analysis of covariance: seed as a fixed effect, one accuracy-loss slope shared by
+    the methods) gives `c`, the accuracy difference the two methods would have at the same
+    loss. Use it when the runs' loss ranges do not overlap, so no common loss can be read
+    off each run's own curve.
+
+    **Returns:** a [`Paired`][] whose `mean` is `c`, `se` its standard error, `ci` and `p`
+    from the t-distribution with `n - 2` degrees of freedom, and `sd` the residual SD
+    (`ddof=2`). With fewer than 3 seeds, or no spread in `d_loss`, the SD, interval and
+    p-value are `nan`.
+
+    !!! Example
+
+        >>> r = paired_at_equal_loss({0: 0.1, 1: 0.0, 2: 0.21, 3: 0.09},
+        ...                          {0: 0.0, 1: 0.1, 2: -0.1, 3: 0.0})
+        >>> round(r.mean, 3), r.n, r.ddof
+        (0.1, 4, 2)
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"`level` must lie in (0, 1), got {level}.")
+    seeds = tuple(sorted(s for s in d_acc if s in d_loss
+                         and math.isfinite(float(d_acc[s])) and math.isfinite(float(d_loss[s]))))
+    if not seeds:
+        raise ValueError("`d_acc` and `d_loss` have no seed in common with finite values.")
+    y = np.array([float(d_acc[s]) for s in seeds])
+    x = np.array([float(d_loss[s]) for s in seeds])
+    n = len(seeds)
+    nan = float("nan")
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    if n < 3 or float(np.ptp(x)) <= 1e-12 * max(1.0, float(np.abs(x).max())):
+        return Paired(n, nan, nan, nan, (nan, nan), level, nan, nan, seeds, 2)
+    slope = float(xc @ (y - y.mean())) / sxx
+    c = float(y.mean() - slope * x.mean())
+    resid = y - (c + slope * x)
+    sd = float(math.sqrt(resid @ resid / (n - 2)))
+    se = sd * math.sqrt(1.0 / n + x.mean() ** 2 / sxx)
+    half = t_quantile(0.5 + level / 2, n - 2) * se
+    if se == 0.0:
+        t, p = (0.0, 1.0) if c == 0.0 else (math.copysign(math.inf, c), 0.0)
+    else:
+        t = c / se
+        p = float(2.0 * _st.t.sf(abs(t), n - 2))
+    return Paired(n, c, sd, se, (c - half, c + half), level, t, p, seeds, 2)
 
 
 def verdict(result: Paired, *, claim: str) -> str:

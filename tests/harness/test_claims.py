@@ -69,3 +69,38 @@ def test_claim_4_subtracts_the_recall_gain():
     assert claims["3"]["verdict"] == "supported"
     assert claims["4"]["verdict"] == "contradicted"
     assert claims["4"]["numbers"]["mean"] == pytest.approx(-0.02)
+
+
+def _narrow(loss, reason, recall):
+    """A run whose primitive evaluations span almost no loss (as at the end of training)."""
+    pts = [{"val_loss": loss + d, "math": reason, "recall": recall} for d in (0.002, 0.0)]
+    return {"val_loss": loss, "flops": 1.0, "train_seconds": 10.0, "step_seconds": 9.0,
+            "eval_share": 0.1, "tf": {"math": reason, "recall": recall}, "points": pts,
+            "curve": [(1.0, loss)], "greedy": {}}
+
+
+@pytest.mark.parametrize("gain, verdict", [(0.08, "supported"), (0.0, "not established")])
+def test_without_a_common_loss_claim_3_compares_at_equal_loss_by_paired_regression(
+        gain, verdict):
+    """MIDAS ends at a higher loss in every seed, and accuracy falls with loss (slope -2):
+    its raw accuracy is lower, but at equal loss it is `gain` better. The regression of the
+    per-seed differences finds the gain; with none, nothing is established."""
+    base = [(2.00, 0.30, 0.20), (2.05, 0.25, 0.22), (1.98, 0.33, 0.19), (2.02, 0.28, 0.21),
+            (2.01, 0.29, 0.20), (1.99, 0.31, 0.21)]
+    noise = [0.004, -0.003, 0.002, -0.004, 0.001, 0.0]
+    runs = {"baseline": {s: _narrow(v, a, r) for s, (v, a, r) in enumerate(base)},
+            "midas": {}}
+    for s, (v, a, r) in enumerate(base):
+        dl = 0.05 + 0.01 * s
+        runs["midas"][s] = _narrow(v + dl, a - 2.0 * dl + gain + noise[s], r - 2.0 * dl)
+    out = _analyse(runs)
+    assert math.isnan(out["common_loss"])
+    c3 = out["claims"]["3"]
+    assert c3["verdict"] == verdict and "equal loss" in c3["test"]
+    assert c3["numbers"]["mean"] == pytest.approx(gain, abs=0.01)
+    assert c3["numbers"]["ddof"] == 2
+    # Raw accuracy is lower for MIDAS in every seed: only the loss adjustment shows the gain.
+    assert all(runs["midas"][s]["tf"]["math"] < runs["baseline"][s]["tf"]["math"] + gain
+               for s in range(len(base)))
+    # Claim 4 subtracts recall, which here follows loss with no gain of its own.
+    assert out["claims"]["4"]["numbers"]["mean"] == pytest.approx(gain, abs=0.01)

@@ -95,3 +95,26 @@ def test_detectable_difference_shrinks_with_seeds():
 def test_docstring_examples_run():
     result = doctest.testmod(S)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_paired_at_equal_loss_matches_a_reference_regression():
+    from scipy import stats as st
+
+    from stackops_harness.stats import paired_at_equal_loss
+
+    d_loss = {0: 0.01, 1: 0.05, 2: -0.02, 3: 0.03, 4: 0.00, 5: 0.04}
+    d_acc = {s: 0.07 - 1.5 * x + 0.01 * (-1) ** s for s, x in d_loss.items()}
+    r = paired_at_equal_loss(d_acc, d_loss)
+    ref = st.linregress([d_loss[s] for s in range(6)], [d_acc[s] for s in range(6)])
+    assert r.mean == pytest.approx(ref.intercept)
+    assert r.se == pytest.approx(ref.intercept_stderr)
+    t = ref.intercept / ref.intercept_stderr
+    assert r.p == pytest.approx(2 * st.t.sf(abs(t), 4))
+    assert r.ci[0] < r.mean < r.ci[1] and r.ddof == 2 and r.n == 6
+    assert "(ddof=2)" in r.summary()
+    # Too few seeds, or no spread in the loss differences: nothing to fit.
+    assert math.isnan(paired_at_equal_loss({0: 0.1, 1: 0.2}, {0: 0.0, 1: 0.1}).p)
+    assert math.isnan(paired_at_equal_loss({0: 0.1, 1: 0.2, 2: 0.3},
+                                           {0: 0.1, 1: 0.1, 2: 0.1}).p)
+    with pytest.raises(ValueError, match="no seed in common"):
+        paired_at_equal_loss({0: 0.1}, {1: 0.1})
