@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of the untied models (default: the preset's); "
                    "their run directories are then tagged with it")
+    p.add_argument("--model-lr", action="append", default=[], metavar="MODEL=LR",
+                   help="peak learning rate of one model (repeatable; overrides --lr and "
+                   "--looped-lr for it), e.g. --model-lr iso-flop=0.006")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--out", type=Path, default=None)
@@ -77,6 +80,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for flag, value in (("--looped-lr", args.looped_lr), ("--lr", args.lr)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise SystemExit(f"{flag} must be a positive finite number, got {value}")
+    model_lr: dict[str, float] = {}
+    for item in args.model_lr:
+        name, _, raw = item.partition("=")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if name.strip() not in MODELS or not (math.isfinite(value) and value > 0):
+            raise SystemExit(f"--model-lr: expected MODEL=LR with MODEL in {','.join(MODELS)} "
+                             f"and a positive LR, got {item!r}")
+        model_lr[name.strip()] = value
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models:
@@ -98,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = PRESETS[args.preset]
     k, L = args.k, args.loops
     lr = args.lr if args.lr is not None else preset["train"].get("lr", C.TrainConfig().lr)
-    looped_lr = args.looped_lr if args.looped_lr is not None else lr
+    given_lr = {"looped": args.looped_lr, "iso-param": args.lr, "iso-flop": args.lr} | model_lr
+    lrs = {m: v if v is not None else lr for m, v in given_lr.items()}
     names = {"looped": f"looped ({k}⊗{L})", "iso-param": f"iso-param ({k} layers)",
              "iso-flop": f"iso-FLOP ({k * L} layers)"}
 
@@ -107,9 +122,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       seed=seed, data_seed=seed)
         if model == "looped":
             return C.TrainConfig(**dict(common, method="custom", depth=k * L, stages=L,
-                                        alpha=30.0, lr=looped_lr))
+                                        alpha=30.0, lr=lrs["looped"]))
         depth = k if model == "iso-param" else k * L
-        return C.TrainConfig(**dict(common, method="baseline", depth=depth, stages=1, lr=lr))
+        return C.TrainConfig(**dict(common, method="baseline", depth=depth, stages=1,
+                                    lr=lrs[model]))
 
     # Every argument is checked (configs built) before the corpus or any training.
     for m in models:
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = list(range(args.seeds))
 
     def run_dir(model: str, seed: int) -> Path:
-        given = args.looped_lr if model == "looped" else args.lr
+        given = given_lr[model]
         tag = "" if given is None else f"-lr{given:g}"
         return out / f"{model}{tag}-seed{seed}"
 
@@ -167,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for m in models:
         r0 = per[m][0]
         rows.append([names[m], r0["positions"], r0["stored_layers"], f"{r0['block_params']:,}",
-                     f"{(looped_lr if m == 'looped' else lr):g}",
+                     f"{lrs[m]:g}",
                      ms(m, lambda r: r["val_loss"]), f"{r0['flops']:.3g}",
                      ms(m, lambda r: r["kshot_avg"])]
                     + [ms(m, lambda r, t=t: r["fewshot"][t]) for t in prim_cfg.tasks])
@@ -206,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         *stats_text,
         "![layer similarity](layer_similarity.png)", ""]))
     summary = {"runs": {names[m]: {str(s): r for s, r in per[m].items()} for m in models},
-               "comparisons": comparisons, "lr": lr, "looped_lr": looped_lr}
+               "comparisons": comparisons, "lr": lr, "looped_lr": lrs["looped"],
+               "model_lr": lrs}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     print("\n" + table + "\n" + "\n".join(lines))
     return summary

@@ -44,6 +44,8 @@ def test_looped_smoke_with_two_seeds_reports_paired_comparisons(tmp_path):
         (["--seeds", "0"], "--seeds"),
         (["--looped-lr", "inf"], "--looped-lr"),
         (["--lr", "-1"], "--lr"),
+        (["--model-lr", "iso-flop"], "--model-lr"),
+        (["--model-lr", "deep=0.1"], "--model-lr"),
         (["--loops", "1"], "--loops"),
     ],
 )
