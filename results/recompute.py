@@ -118,6 +118,23 @@ def plots(fin: dict) -> None:
             for m in ("baseline", "midas", "interpolate", "lidas")}
     Rep.plot_loss_curves(runs, abl / "loss_vs_flops_and_time.png",
                          title="growth variants (seeds 0, 1)")
+    # The ablation folders' primitive and similarity plots, labelled by variant and drawn
+    # next to the main run's baseline and MIDAS (seeds 0, 1; the earlier evaluation).
+    folders = {"abl-zero": ["midas[opt_policy=zero]"], "abl-preserve": ["midas[preserve=true]"],
+               "abl-methods": ["interpolate", "lidas"]}
+    for folder, labels in folders.items():
+        where = {"baseline": MAIN, "midas": MAIN, **{lb: ROOT / folder for lb in labels}}
+        sims = {lb: np.load(d / f"{lb}-seed0" / "layer_similarity.npy")
+                for lb, d in where.items()}
+        Rep.plot_similarity(sims, ROOT / folder / "layer_similarity.png")
+        panels = {t: {lb: [(r["val_loss"], r[f"fewshot/{t}"]) for s in (0, 1)
+                           for r in records(d, lb, s)
+                           if r.get("kind") == "eval" and f"fewshot/{t}" in r and r["step"] > 0]
+                      for lb, d in where.items()} for t in TASKS}
+        Rep.plot_accuracy_panels(panels, ROOT / folder / "primitives_vs_loss.png",
+                                 title=f"{', '.join(labels)} against the main run's baseline "
+                                       "and midas: 5-shot accuracy (earlier evaluation; "
+                                       "seeds 0, 1)")
 
 
 if __name__ == "__main__":
