@@ -135,14 +135,20 @@ def paired(
         nan = float("nan")
         return Paired(n, mean, nan, nan, (nan, nan), level, nan, nan, seeds)
     sd = float(d.std(ddof=1))
-    se = sd / math.sqrt(n)
-    half = t_quantile(0.5 + level / 2, n - 1) * se
+    return _t_result(n, mean, sd, sd / math.sqrt(n), n - 1, level, seeds, 1)
+
+
+def _t_result(n: int, est: float, sd: float, se: float, df: int, level: float,
+              seeds: tuple[int, ...], ddof: int) -> Paired:
+    """A [`Paired`][] for estimate `est` with standard error `se` on `df` degrees of
+    freedom: the t-interval at `level` and the two-sided p-value."""
+    half = t_quantile(0.5 + level / 2, df) * se
     if se == 0.0:
-        t, p = (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+        t, p = (0.0, 1.0) if est == 0.0 else (math.copysign(math.inf, est), 0.0)
     else:
-        t = mean / se
-        p = float(2.0 * _st.t.sf(abs(t), n - 1))
-    return Paired(n, mean, sd, se, (mean - half, mean + half), level, t, p, seeds)
+        t = est / se
+        p = float(2.0 * _st.t.sf(abs(t), df))
+    return Paired(n, est, sd, se, (est - half, est + half), level, t, p, seeds, ddof)
 
 
 def paired_at_equal_loss(
@@ -188,13 +194,7 @@ def paired_at_equal_loss(
     resid = y - (c + slope * x)
     sd = float(math.sqrt(resid @ resid / (n - 2)))
     se = sd * math.sqrt(1.0 / n + x.mean() ** 2 / sxx)
-    half = t_quantile(0.5 + level / 2, n - 2) * se
-    if se == 0.0:
-        t, p = (0.0, 1.0) if c == 0.0 else (math.copysign(math.inf, c), 0.0)
-    else:
-        t = c / se
-        p = float(2.0 * _st.t.sf(abs(t), n - 2))
-    return Paired(n, c, sd, se, (c - half, c + half), level, t, p, seeds, 2)
+    return _t_result(n, c, sd, se, n - 2, level, seeds, 2)
 
 
 def verdict(result: Paired, *, claim: str) -> str:
